@@ -1,0 +1,11 @@
+"""fewbit-fx: cut the activation memory of training by rewriting pointwise nonlinearities.
+
+    model = fewbit_fx.optimize(model)          # eager, one line
+    torch.compile(model, backend="fewbit")     # the same pass inside the compiler
+    print(fewbit_fx.report(model, example_inputs=(x,)))   # dry run, per-site savings
+"""
+from fewbit_fx import nn, ops  # noqa: F401  (ops registers the custom ops)
+from fewbit_fx.api import optimize, report
+
+__version__ = "0.1.0"
+__all__ = ["optimize", "report", "nn", "__version__"]

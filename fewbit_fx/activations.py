@@ -1,0 +1,399 @@
+"""Registry of the pointwise nonlinearities fewbit-fx can rewrite.
+
+One `Activation` per function and parameter set. It knows the exact forward (the torch op
+itself, so rewritten models compute bit-identical outputs), the derivative as a function of
+the input (used to fit few-bit tables and as a reference), the derivative as a function of
+the *output* (the inverted method), where the minimum is for non-monotone functions, and
+where the derivative jumps (few-bit borders must land there).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SELU_SCALE = 1.0507009873554804934193349852946
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_SQRT_2 = math.sqrt(2.0)
+
+
+@dataclass(frozen=True)
+class Activation:
+    """A nonlinearity with fixed parameters. Hashable: it keys the table cache."""
+
+    name: str
+    params: tuple[tuple[str, float], ...] = ()
+
+    # --- registry lookups -------------------------------------------------------------
+    @property
+    def spec(self) -> "_Spec":
+        return _SPECS[self.name]
+
+    @property
+    def p(self) -> dict[str, float]:
+        return dict(self.params)
+
+    @property
+    def param_list(self) -> list[float]:
+        """Parameters in the spec's declared order, for custom-op schemas (float[])."""
+        return [float(v) for _, v in self.params]
+
+    @property
+    def monotone(self) -> bool:
+        return self.spec.monotone(self.p)
+
+    @property
+    def needs_mask(self) -> bool:
+        """True when y does not say on which side of the minimum x was (one bit needed)."""
+        return not self.monotone
+
+    @property
+    def kinks(self) -> tuple[float, ...]:
+        return tuple(self.spec.kinks(self.p))
+
+    @property
+    def x_min(self) -> float | None:
+        """Location of the minimum of a non-monotone function (branch split point)."""
+        return None if self.monotone else _x_min(self)
+
+    @property
+    def twin(self) -> tuple["Activation", float] | None:
+        """(mathematically equal registry op, input scale) for formula activations."""
+        spec = self.spec
+        return None if spec.twin is None else (get(spec.twin), spec.twin_scale)
+
+    @property
+    def exact_from_output(self) -> bool:
+        """True when f'(x) has a closed form in y (no numerical inverse)."""
+        return self.spec.grad_from_output is not None
+
+    # --- math -------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """Exactly what the torch module computes (never in place)."""
+        return self.spec.forward(x, self.p)
+
+    def derivative(self, x: Tensor) -> Tensor:
+        """f'(x) with torch autograd's convention at kinks (reference, any dtype)."""
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.forward(xr).sum(), xr)
+        return g
+
+    def __str__(self) -> str:
+        if not self.params:
+            return self.name
+        args = ", ".join(f"{k}={v:g}" for k, v in self.params)
+        return f"{self.name}({args})"
+
+
+@dataclass(frozen=True)
+class _Spec:
+    forward: Callable[[Tensor, dict], Tensor]
+    param_names: tuple[str, ...] = ()
+    monotone: Callable[[dict], bool] = lambda p: True
+    kinks: Callable[[dict], list[float]] = lambda p: []
+    # grad * f'(x) from grad, y = f(x) and, for non-monotone functions, right = (x > x_min).
+    # Where torch itself differentiates from the output (sigmoid, tanh, ELU family, ReLU,
+    # Hardtanh) its own backward kernel is reused, so gradients match torch bit for bit.
+    # None means "needs the numerical inverse" (fewbit_fx.inverse).
+    grad_from_output: Callable[[Tensor, Tensor, Tensor | None, dict], Tensor] | None = None
+    modules: tuple[type, ...] = field(default_factory=tuple)
+    # Formula activations (Hugging Face writes some GELUs out in torch ops) keep their exact
+    # formula as forward but equal twin(scale * x) / scale mathematically, so the inverse
+    # of the twin serves them: f'(x) = twin'(x') where twin(x') = scale * y.
+    twin: str | None = None
+    twin_scale: float = 1.0
+
+
+def _scaled(derivative: Callable[[Tensor, Tensor | None, dict], Tensor]):
+    """grad * f'(y) with f' evaluated in at least fp32, the result in grad's dtype."""
+
+    def grad_from_output(grad: Tensor, y: Tensor, right: Tensor | None, p: dict) -> Tensor:
+        compute = torch.promote_types(y.dtype, torch.float32)
+        return (grad.to(compute) * derivative(y.to(compute), right, p)).to(grad.dtype)
+
+    return grad_from_output
+
+
+def _hardswish_from_output(y: Tensor, right: Tensor | None, p: dict) -> Tensor:
+    root = torch.sqrt(torch.clamp(9.0 + 24.0 * y, min=0.0)) / 6.0
+    inside = torch.where(right, root, -root)
+    # Right branch: y >= 3 means x >= 3 (identity). Left branch: y == 0 means x <= -3.
+    out = torch.where(right & (y >= 3.0), torch.ones_like(y), inside)
+    return torch.where(~right & (y == 0), torch.zeros_like(y), out)
+
+
+def _leaky_from_output(y: Tensor, right: Tensor | None, p: dict) -> Tensor:
+    positive = (y > 0) if right is None else right
+    slope = torch.full_like(y, p["negative_slope"])
+    return torch.where(positive, torch.ones_like(y), slope)
+
+
+def _elu_from_output(alpha: float, scale: float, input_scale: float):
+    """torch's own ELU-family backward in its is_result form; input_scale 0 means 1/alpha."""
+
+    def grad_from_output(grad: Tensor, y: Tensor, right: Tensor | None, p: dict) -> Tensor:
+        a = p.get("alpha", alpha)
+        s = input_scale if input_scale else 1.0 / a
+        return torch.ops.aten.elu_backward(grad, a, scale, s, True, y)
+
+    return grad_from_output
+
+
+def _hardtanh_from_output(lo: str | float, hi: str | float):
+    def grad_from_output(grad: Tensor, y: Tensor, right: Tensor | None, p: dict) -> Tensor:
+        low, high = (p[v] if isinstance(v, str) else v for v in (lo, hi))
+        return torch.ops.aten.hardtanh_backward(grad, y, low, high)
+
+    return grad_from_output
+
+
+_SPECS: dict[str, _Spec] = {
+    "gelu": _Spec(
+        forward=lambda x, p: F.gelu(x),
+        monotone=lambda p: False,
+        modules=(nn.GELU,),
+    ),
+    "gelu_tanh": _Spec(
+        forward=lambda x, p: F.gelu(x, approximate="tanh"),
+        monotone=lambda p: False,
+    ),
+    "silu": _Spec(forward=lambda x, p: F.silu(x), monotone=lambda p: False, modules=(nn.SiLU,)),
+    "mish": _Spec(forward=lambda x, p: F.mish(x), monotone=lambda p: False, modules=(nn.Mish,)),
+    "sigmoid": _Spec(
+        forward=lambda x, p: torch.sigmoid(x),
+        grad_from_output=lambda g, y, r, p: torch.ops.aten.sigmoid_backward(g, y),
+        modules=(nn.Sigmoid,),
+    ),
+    "tanh": _Spec(
+        forward=lambda x, p: torch.tanh(x),
+        grad_from_output=lambda g, y, r, p: torch.ops.aten.tanh_backward(g, y),
+        modules=(nn.Tanh,),
+    ),
+    "softplus": _Spec(
+        forward=lambda x, p: F.softplus(x, p["beta"], p["threshold"]),
+        param_names=("beta", "threshold"),
+        kinks=lambda p: [p["threshold"] / p["beta"]],
+        # sigmoid(beta*x) = 1 - exp(-beta*y); in the linear region beta*y > threshold it is 1.
+        grad_from_output=_scaled(
+            lambda y, r, p: torch.where(
+                y * p["beta"] > p["threshold"], torch.ones_like(y), -torch.expm1(-p["beta"] * y)
+            )
+        ),
+        modules=(nn.Softplus,),
+    ),
+    "elu": _Spec(
+        forward=lambda x, p: F.elu(x, p["alpha"]),
+        param_names=("alpha",),
+        monotone=lambda p: p["alpha"] >= 0,
+        kinks=lambda p: [0.0],
+        grad_from_output=_elu_from_output(1.0, 1.0, 1.0),
+        modules=(nn.ELU,),
+    ),
+    "selu": _Spec(
+        forward=lambda x, p: F.selu(x),
+        kinks=lambda p: [0.0],
+        grad_from_output=_elu_from_output(_SELU_ALPHA, _SELU_SCALE, 1.0),
+        modules=(nn.SELU,),
+    ),
+    "celu": _Spec(
+        forward=lambda x, p: F.celu(x, p["alpha"]),
+        param_names=("alpha",),
+        monotone=lambda p: p["alpha"] > 0,
+        kinks=lambda p: [0.0],
+        grad_from_output=_elu_from_output(1.0, 1.0, 0.0),
+        modules=(nn.CELU,),
+    ),
+    "leaky_relu": _Spec(
+        forward=lambda x, p: F.leaky_relu(x, p["negative_slope"]),
+        param_names=("negative_slope",),
+        monotone=lambda p: p["negative_slope"] >= 0,
+        kinks=lambda p: [0.0],
+        grad_from_output=_scaled(_leaky_from_output),
+        modules=(nn.LeakyReLU,),
+    ),
+    "relu": _Spec(
+        forward=lambda x, p: F.relu(x),
+        kinks=lambda p: [0.0],
+        grad_from_output=lambda g, y, r, p: torch.ops.aten.threshold_backward(g, y, 0),
+        modules=(nn.ReLU,),
+    ),
+    "relu6": _Spec(
+        forward=lambda x, p: F.relu6(x),
+        kinks=lambda p: [0.0, 6.0],
+        grad_from_output=_hardtanh_from_output(0.0, 6.0),
+        modules=(nn.ReLU6,),
+    ),
+    "hardtanh": _Spec(
+        forward=lambda x, p: F.hardtanh(x, p["min_val"], p["max_val"]),
+        param_names=("min_val", "max_val"),
+        kinks=lambda p: [p["min_val"], p["max_val"]],
+        grad_from_output=_hardtanh_from_output("min_val", "max_val"),
+        modules=(nn.Hardtanh,),
+    ),
+    "hardsigmoid": _Spec(
+        forward=lambda x, p: F.hardsigmoid(x),
+        kinks=lambda p: [-3.0, 3.0],
+        # Slope 1/6 strictly inside (-3, 3), where 0 < y < 1.
+        grad_from_output=_scaled(
+            lambda y, r, p: torch.where(
+                (y > 0) & (y < 1), torch.full_like(y, 1.0 / 6.0), torch.zeros_like(y)
+            )
+        ),
+        modules=(nn.Hardsigmoid,),
+    ),
+    "hardswish": _Spec(
+        forward=lambda x, p: F.hardswish(x),
+        monotone=lambda p: False,
+        kinks=lambda p: [-3.0, 3.0],
+        grad_from_output=_scaled(_hardswish_from_output),
+        modules=(nn.Hardswish,),
+    ),
+    "logsigmoid": _Spec(
+        forward=lambda x, p: F.logsigmoid(x),
+        grad_from_output=_scaled(lambda y, r, p: -torch.expm1(y)),
+        modules=(nn.LogSigmoid,),
+    ),
+    "softsign": _Spec(
+        forward=lambda x, p: F.softsign(x),
+        grad_from_output=_scaled(lambda y, r, p: (1.0 - y.abs()) ** 2),
+        modules=(nn.Softsign,),
+    ),
+    "tanhshrink": _Spec(forward=lambda x, p: F.tanhshrink(x), modules=(nn.Tanhshrink,)),
+    # Hugging Face formula activations, written exactly as transformers.activations does.
+    "gelu_tanh_formula": _Spec(  # NewGELUActivation
+        forward=lambda x, p: 0.5 * x * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3.0)))),
+        monotone=lambda p: False,
+        twin="gelu_tanh",
+    ),
+    "gelu_fast_formula": _Spec(  # FastGELUActivation
+        forward=lambda x, p: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+        monotone=lambda p: False,
+        twin="gelu_tanh",
+    ),
+    "gelu_erf_formula": _Spec(  # GELUActivation(use_gelu_python=True)
+        forward=lambda x, p: x * 0.5 * (1.0 + torch.erf(x / _SQRT_2)),
+        monotone=lambda p: False,
+        twin="gelu",
+    ),
+    "quick_gelu": _Spec(  # QuickGELUActivation: x * sigmoid(1.702 x) = silu(1.702 x) / 1.702
+        forward=lambda x, p: x * torch.sigmoid(1.702 * x),
+        monotone=lambda p: False,
+        twin="silu",
+        twin_scale=1.702,
+    ),
+}
+
+SUPPORTED: tuple[str, ...] = tuple(_SPECS)
+
+
+def get(name: str, **params: float) -> Activation:
+    """Look an activation up by registry name; parameters default like torch's modules."""
+    if name not in _SPECS:
+        raise TypeError(f"unsupported activation {name!r}; supported: {', '.join(SUPPORTED)}")
+    defaults = _DEFAULTS.get(name, {})
+    unknown = set(params) - set(_SPECS[name].param_names)
+    if unknown:
+        raise TypeError(f"{name} takes parameters {_SPECS[name].param_names}, got {sorted(unknown)}")
+    values = {**defaults, **params}
+    return Activation(name, tuple((k, float(values[k])) for k in _SPECS[name].param_names))
+
+
+_DEFAULTS: dict[str, dict[str, float]] = {
+    "softplus": {"beta": 1.0, "threshold": 20.0},
+    "elu": {"alpha": 1.0},
+    "celu": {"alpha": 1.0},
+    "leaky_relu": {"negative_slope": 0.01},
+    "hardtanh": {"min_val": -1.0, "max_val": 1.0},
+}
+
+
+def from_op_args(name: str, params: list[float]) -> Activation:
+    """Rebuild an Activation from a custom op's (str, float[]) arguments."""
+    return Activation(name, tuple(zip(_SPECS[name].param_names, map(float, params))))
+
+
+def from_module(module: nn.Module) -> Activation:
+    """The Activation a torch.nn (or Hugging Face) activation module computes.
+
+    Raises TypeError naming the supported modules when the module is not one of them.
+    """
+    hf = _from_hf_module(module)
+    if hf is not None:
+        return hf
+    if isinstance(module, nn.GELU):
+        return get("gelu_tanh" if module.approximate == "tanh" else "gelu")
+    # Most specific class first: ReLU6 is a Hardtanh subclass.
+    for name, spec in sorted(_SPECS.items(), key=lambda kv: -_mro_depth(kv[1].modules)):
+        if spec.modules and isinstance(module, spec.modules):
+            return get(name, **{k: getattr(module, k) for k in spec.param_names})
+    raise TypeError(
+        f"unsupported activation module {type(module).__name__}; supported: "
+        + ", ".join(sorted({m.__name__ for s in _SPECS.values() for m in s.modules}))
+        + " and the Hugging Face activations " + ", ".join(sorted(_HF_CLASSES))
+    )
+
+
+def _mro_depth(classes: tuple[type, ...]) -> int:
+    return max((len(c.__mro__) for c in classes), default=0)
+
+
+# Hugging Face activation classes (transformers.activations), recognised by class name so
+# transformers stays an optional dependency. Formula-based ones map to the op they equal.
+_HF_CLASSES: dict[str, str] = {
+    "GELUActivation": "gelu",
+    "NewGELUActivation": "gelu_tanh_formula",
+    "GELUTanh": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh",
+    "FastGELUActivation": "gelu_fast_formula",
+    "SiLUActivation": "silu",
+    "MishActivation": "mish",
+    "QuickGELUActivation": "quick_gelu",
+}
+
+
+def _from_hf_module(module: nn.Module) -> Activation | None:
+    if not type(module).__module__.startswith("transformers"):
+        return None
+    name = _HF_CLASSES.get(type(module).__name__)
+    if name is None:
+        return None
+    if name == "gelu" and getattr(module, "act", F.gelu) is not F.gelu:
+        name = "gelu_erf_formula"  # GELUActivation(use_gelu_python=True)
+    if name == "mish" and getattr(module, "act", F.mish) is not F.mish:
+        return None  # MishActivation's python fallback (old torch): not worth a formula entry
+    return get(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _x_min(act: Activation) -> float:
+    """Minimum of a non-monotone activation, by bisection on the sign of a float64 central
+    difference of the forward. Forward-only on purpose: it may first run inside a custom op,
+    below autograd. Accurate to ~1e-9, far below what a branch bit can notice."""
+    if act.name in ("leaky_relu", "elu", "celu"):
+        return 0.0
+    if act.name == "hardswish":
+        return -1.5
+    h = 1e-6
+
+    def slope(v: float) -> float:
+        pts = torch.tensor([v - h, v + h], dtype=torch.float64)
+        y = act.forward(pts)
+        return float(y[1] - y[0])
+
+    lo, hi = -6.0, 0.0
+    if not (slope(lo) < 0 < slope(hi)):
+        raise ValueError(f"{act} has no single minimum in [-6, 0]")
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if slope(mid) < 0 else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+__all__ = ["Activation", "SUPPORTED", "get", "from_module"]

@@ -1,0 +1,183 @@
+"""optimize() and report(): the pipeline model -> capture -> sites -> decisions -> rewrite/report."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fewbit_fx._state import preserved_state
+from fewbit_fx.measure import saved_bytes
+from fewbit_fx.packing import check_bits
+from fewbit_fx.passes import capture, decide, detect, rewrite, saves
+from fewbit_fx.report import Report, Row
+
+
+@dataclass
+class Plan:
+    planned: list[rewrite.Planned]
+    mode: str
+    bits: int
+
+
+def plan(model: nn.Module, args: tuple, kwargs: dict, mode: str, bits: int,
+         overrides: dict[str, str] | None) -> Plan:
+    """Capture the model once and decide every site (no change to the model)."""
+    decide.check_mode(mode)
+    check_bits(bits)
+    cap = capture.capture(model, args, kwargs)
+    graph_saves = [saves.analyse_graph(gm.graph) for gm in cap.graphs]
+    sites = detect.find_sites(cap.graphs)
+    analysed = [(s, saves.analyse_site(s, graph_saves[s.graph_index])) for s in sites]
+    planned = [
+        rewrite.Planned(s, sv, decide.decide(s, sv, *decide.site_mode(s, mode, bits, overrides)))
+        for s, sv in analysed
+    ]
+    return Plan(_agree_per_key(planned), mode, bits)
+
+
+def _agree_per_key(planned: list[rewrite.Planned]) -> list[rewrite.Planned]:
+    """A module called at several sites gets one variant: the one with the least total."""
+    groups: dict[tuple, list[rewrite.Planned]] = {}
+    for p in planned:
+        groups.setdefault(p.site.rewrite_key, []).append(p)
+    out = []
+    for group in groups.values():
+        labels = {p.decision.label for p in group}
+        if len(labels) == 1:
+            out += group
+            continue
+        options = []
+        for p0 in group:
+            forced = _mode_for(p0.decision)
+            ds = [decide.decide(p.site, p.saves, *forced) for p in group]
+            options.append((sum(d.saved_after for d in ds), ds))
+        _, best = min(options, key=lambda o: o[0])
+        out += [rewrite.Planned(p.site, p.saves, d) for p, d in zip(group, best)]
+    return out
+
+
+def _mode_for(d: decide.Decision) -> tuple[str, int]:
+    if d.variant == "inverted":
+        return "exact", 3
+    if d.variant == "fewbit":
+        return "fewbit", d.bits
+    return "keep", 3
+
+
+def _inputs(example_inputs, example_kwargs) -> tuple[tuple, dict]:
+    if example_inputs is None:
+        args = ()
+    elif isinstance(example_inputs, tuple):
+        args = example_inputs
+    elif isinstance(example_inputs, list):
+        args = tuple(example_inputs)
+    else:
+        args = (example_inputs,)
+    return args, dict(example_kwargs or {})
+
+
+def optimize(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode: str = "auto",
+             bits: int = 3, overrides: dict[str, str] | None = None) -> nn.Module:
+    """Rewrite the model's activations in place and return it.
+
+    With example inputs the analysis runs now; without, on the first call (the first
+    call's own inputs are used). mode: "auto" (inverted where a consumer keeps the output,
+    few-bit elsewhere), "exact" (inverted only), "fewbit" (few-bit everywhere). `bits` is
+    the few-bit default; `overrides` maps module-path patterns (fnmatch) to "auto",
+    "exact", "fewbit", "fewbit-<b>" or "keep".
+    """
+    decide.check_mode(mode)
+    check_bits(bits)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize takes a torch.nn.Module, got {type(model).__name__}")
+    if example_inputs is None and example_kwargs is None:
+        return _optimize_on_first_call(model, mode, bits, overrides)
+    args, kwargs = _inputs(example_inputs, example_kwargs)
+    p = plan(model, args, kwargs, mode, bits, overrides)
+    failures = rewrite.apply(model, p.planned)
+    model._fewbit_report = _report_from(p, failures)  # noqa: SLF001 - read by report()
+    return model
+
+
+def _optimize_on_first_call(model, mode, bits, overrides):
+    def analyse_then_run(module, args, kwargs):
+        handle.remove()
+        optimize(module, example_inputs=tuple(args), example_kwargs=kwargs, mode=mode,
+                 bits=bits, overrides=overrides)
+        return None
+
+    handle = model.register_forward_pre_hook(analyse_then_run, with_kwargs=True)
+    return model
+
+
+def report(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode: str = "auto",
+           bits: int = 3, overrides: dict[str, str] | None = None, measure: bool = True) -> Report:
+    """Dry run: what optimize() would do, per site, without touching the model.
+
+    With `measure`, one real forward/backward of the original and of a rewritten copy
+    gives the measured saved bytes (parameters excluded); gradients are not accumulated
+    into the model and buffers and RNG are restored.
+    """
+    if example_inputs is None and example_kwargs is None:
+        existing = getattr(model, "_fewbit_report", None)
+        if existing is not None:
+            return existing
+        raise ValueError("report() needs example_inputs and/or example_kwargs to run the model")
+    args, kwargs = _inputs(example_inputs, example_kwargs)
+    p = plan(model, args, kwargs, mode, bits, overrides)
+    rewritten = copy.deepcopy(model)
+    failures = rewrite.apply(rewritten, p.planned)
+    rep = _report_from(p, failures)
+    if measure:
+        rep.measured_before = measure_step(model, args, kwargs)
+        rep.measured_after = measure_step(rewritten, args, kwargs)
+    return rep
+
+
+def _report_from(p: Plan, failures: dict[tuple, str]) -> Report:
+    rows = []
+    for item in p.planned:
+        s, d, before = item.site, item.decision, item.saves.saved_before
+        variant, after, reason = d.label, d.saved_after, d.reason
+        if s.rewrite_key in failures and d.variant != "kept":
+            variant, after, reason = "kept", before, f"not rewritten: {failures[s.rewrite_key]}"
+        v = capture.example_value(s.output)
+        rows.append(Row(s.name, str(s.activation), variant, reason, tuple(v.shape),
+                        str(v.dtype).replace("torch.", ""), before, after))
+    return Report(rows, p.mode, p.bits)
+
+
+def measure_step(model: nn.Module, args: tuple, kwargs: dict) -> int:
+    """Saved bytes of one forward+backward (parameters and buffers excluded), no side effects."""
+    params = [q for q in model.parameters() if q.requires_grad]
+    with preserved_state(model), torch.enable_grad():
+        record = saved_bytes(lambda: scalar_loss(model(*args, **kwargs)),
+                             exclude=list(model.parameters()) + list(model.buffers()))
+        if record.loss.requires_grad:
+            inputs = params or [t for t in args if isinstance(t, torch.Tensor) and t.requires_grad]
+            torch.autograd.grad(record.loss, inputs, allow_unused=True)
+    return record.bytes
+
+
+def scalar_loss(output) -> torch.Tensor:
+    """A scalar from any model output (tensor, tuple, dict, HF ModelOutput): the sum of
+    its floating-point tensors, weighted so no gradient is trivially constant."""
+    tensors = []
+
+    def collect(o):
+        if isinstance(o, torch.Tensor):
+            if o.is_floating_point():
+                tensors.append(o)
+        elif isinstance(o, dict) or hasattr(o, "to_tuple"):
+            for v in (o.values() if isinstance(o, dict) else o.to_tuple()):
+                collect(v)
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                collect(v)
+
+    collect(output)
+    if not tensors:
+        raise ValueError("the model output holds no floating-point tensor to take a loss of")
+    return sum((t.float() ** 2).mean() for t in tensors)

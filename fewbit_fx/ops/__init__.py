@@ -1,0 +1,9 @@
+"""torch.library custom ops for both variants.
+
+They are real ops (fake implementations, registered autograd, Inductor decompositions), so
+they survive torch.compile and torch.export. Importing this package registers them.
+"""
+from fewbit_fx.ops.fewbit import fewbit_backward, fewbit_forward
+from fewbit_fx.ops.inverted import inverted_backward, inverted_forward
+
+__all__ = ["fewbit_forward", "fewbit_backward", "inverted_forward", "inverted_backward"]

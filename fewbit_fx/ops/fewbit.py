@@ -1,0 +1,67 @@
+"""Few-bit backward as custom ops: forward stores the b-bit interval code of x, backward
+multiplies the incoming gradient by that interval's level (the optimal piecewise-constant
+approximation of f', see fewbit_fx.tables).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch._inductor.decomposition import register_decomposition
+
+from fewbit_fx.activations import from_op_args
+from fewbit_fx.ops._common import check_input, compare_dtype, no_double_backward
+from fewbit_fx.packing import pack, unpack
+
+
+@torch.library.custom_op("fewbit_fx::fewbit_forward", mutates_args=())
+def fewbit_forward(
+    x: Tensor, act: str, params: list[float], borders: Tensor, levels: Tensor, bits: int
+) -> tuple[Tensor, Tensor]:
+    """(f(x), packed codes). `levels` is unused here; it is an input so autograd saves it."""
+    return _forward(x, act, params, borders, bits)
+
+
+def _forward(x, act, params, borders, bits):
+    check_input(x, "FewBit")
+    y = from_op_args(act, params).forward(x)
+    dt = compare_dtype(x.dtype)
+    codes = torch.bucketize(x.to(dt), borders.to(dt))
+    return y, pack(codes, bits)
+
+
+@torch.library.custom_op("fewbit_fx::fewbit_backward", mutates_args=())
+def fewbit_backward(grad: Tensor, packed: Tensor, levels: Tensor, bits: int) -> Tensor:
+    """grad * levels[code], in grad's dtype (multiplied in at least fp32)."""
+    return _backward(grad, packed, levels, bits)
+
+
+def _backward(grad, packed, levels, bits):
+    codes = unpack(packed, bits, grad.numel()).to(torch.int64).view(grad.shape)
+    dt = compare_dtype(grad.dtype)
+    return (grad.to(dt) * levels.to(dt)[codes]).to(grad.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    _, _, _, _, levels, bits = inputs
+    ctx.bits = bits
+    ctx.save_for_backward(output[1], levels)
+
+
+def _autograd_backward(ctx, grad_y, grad_packed):
+    packed, levels = ctx.saved_tensors
+    return fewbit_backward(grad_y.contiguous(), packed, levels, ctx.bits), None, None, None, None, None
+
+
+# The fakes run the same aten code on fake tensors, so shapes and strides always agree.
+fewbit_forward.register_fake(
+    lambda x, act, params, borders, levels, bits: _forward(x, act, params, borders, bits)
+)
+fewbit_backward.register_fake(_backward)
+fewbit_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+fewbit_backward.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+# Inductor sees through both ops: their bodies are plain aten, so they fuse with neighbours.
+register_decomposition(torch.ops.fewbit_fx.fewbit_forward.default)(
+    lambda x, act, params, borders, levels, bits: _forward(x, act, params, borders, bits)
+)
+register_decomposition(torch.ops.fewbit_fx.fewbit_backward.default)(_backward)

@@ -1,0 +1,74 @@
+"""Inverted activations as custom ops: forward saves its own output y (plus a 1-bit branch
+mask for non-monotone functions), backward computes f'(x) from y.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch._inductor.decomposition import register_decomposition
+
+from fewbit_fx.activations import Activation, from_op_args
+from fewbit_fx.ops._common import check_input, compare_dtype, no_double_backward
+from fewbit_fx.packing import pack, unpack
+
+
+@torch.library.custom_op("fewbit_fx::inverted_forward", mutates_args=())
+def inverted_forward(x: Tensor, act: str, params: list[float]) -> tuple[Tensor, Tensor]:
+    """(f(x), packed 1-bit mask x > x_min); the mask is empty for monotone functions."""
+    return _forward(x, act, params)
+
+
+def _forward(x, act, params):
+    check_input(x, "Inverted")
+    a = from_op_args(act, params)
+    y = a.forward(x)
+    if not a.needs_mask:
+        return y, x.new_empty(0, dtype=torch.uint8)
+    return y, pack(x.to(compare_dtype(x.dtype)) > a.x_min, 1)
+
+
+@torch.library.custom_op("fewbit_fx::inverted_backward", mutates_args=())
+def inverted_backward(grad: Tensor, y: Tensor, mask: Tensor, act: str, params: list[float]) -> Tensor:
+    """grad * f'(x), with x recovered from y (and the branch mask)."""
+    return _backward(grad, y, mask, act, params)
+
+
+def _backward(grad, y, mask, act, params):
+    a = from_op_args(act, params)
+    right = unpack(mask, 1, y.numel()).view(y.shape).bool() if a.needs_mask else None
+    return grad_from_output(a, grad, y, right)
+
+
+def grad_from_output(a: Activation, grad: Tensor, y: Tensor, right: Tensor | None) -> Tensor:
+    """grad * f'(x): a closed form in y where one exists, else the numerical inverse."""
+    if a.exact_from_output:
+        return a.spec.grad_from_output(grad, y, right, a.p)
+    from fewbit_fx.inverse import derivative_from_output
+
+    dt = compare_dtype(grad.dtype)
+    if a.twin is not None:  # f(x) = twin(s*x)/s, so f'(x) = twin'(x') with twin(x') = s*y
+        twin, scale = a.twin
+        y = y.to(dt) * scale if scale != 1.0 else y
+        a = twin
+    return (grad.to(dt) * derivative_from_output(a, y, right).to(dt)).to(grad.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    _, ctx.act, ctx.params = inputs
+    y, mask = output
+    ctx.save_for_backward(y, mask)
+
+
+def _autograd_backward(ctx, grad_y, grad_mask):
+    y, mask = ctx.saved_tensors
+    return inverted_backward(grad_y.contiguous(), y, mask, ctx.act, ctx.params), None, None
+
+
+# The fakes run the same aten code on fake tensors, so shapes and strides always agree.
+inverted_forward.register_fake(_forward)
+inverted_backward.register_fake(_backward)
+inverted_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+inverted_backward.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+register_decomposition(torch.ops.fewbit_fx.inverted_forward.default)(_forward)
+register_decomposition(torch.ops.fewbit_fx.inverted_backward.default)(_backward)

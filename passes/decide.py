@@ -1,0 +1,98 @@
+"""Decide: per site, inverted, few-bit or kept, from what its neighbours already keep.
+
+- some consumer keeps y        -> inverted: exact, 0 or 1 extra bit per element;
+- nobody keeps y               -> few-bit: b bits per element instead of a full tensor;
+- x is kept by another op       -> kept: rewriting saves nothing.
+Every decision carries the byte estimate and a reason a person can read.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from fewbit_fx.packing import check_bits, packed_nbytes
+from fewbit_fx.passes.detect import Site
+from fewbit_fx.passes.saves import SiteSaves
+
+MODES = ("auto", "exact", "fewbit")
+
+
+@dataclass(frozen=True)
+class Decision:
+    variant: str          # "inverted", "fewbit", or "kept"
+    bits: int | None
+    saved_after: int
+    reason: str
+
+    @property
+    def label(self) -> str:
+        return f"fewbit-{self.bits}" if self.variant == "fewbit" else self.variant
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def parse_override(value: str, bits: int) -> tuple[str, int]:
+    """'auto' | 'exact' | 'fewbit' | 'fewbit-<b>' | 'keep' -> (mode or 'keep', bits)."""
+    if value == "keep":
+        return "keep", bits
+    if value.startswith("fewbit-"):
+        return "fewbit", check_bits(int(value.split("-", 1)[1]))
+    return check_mode(value), bits
+
+
+def site_mode(site: Site, mode: str, bits: int, overrides: dict[str, str] | None) -> tuple[str, int]:
+    """The mode and bits for one site: the first matching override pattern wins."""
+    for pattern, value in (overrides or {}).items():
+        if fnmatch.fnmatchcase(site.name, pattern):
+            return parse_override(value, bits)
+    return mode, bits
+
+
+def decide(site: Site, saves: SiteSaves, mode: str, bits: int) -> Decision:
+    if mode == "keep":
+        return Decision("kept", None, saves.saved_before, "kept by an override")
+    if saves.x_reused_after:
+        return Decision("kept", None, saves.saved_before,
+                        "in-place activation whose input is read again later")
+    if saves.saved_before == 0:
+        why = (f"its input is kept anyway by {saves.x_kept_by[0]}" if saves.x_kept_by
+               else "it keeps nothing that others do not keep already")
+        return Decision("kept", None, 0, f"no saving possible: {why}")
+    candidates = []
+    if mode in ("auto", "exact"):
+        if saves.y_mutated:
+            inverted = None
+        else:
+            mask = packed_nbytes(saves.numel, 1) if site.activation.needs_mask else 0
+            extra = 0 if saves.y_kept_by else saves.y_bytes
+            inverted = Decision("inverted", None, extra + mask, _inverted_reason(site, saves))
+        if inverted is not None:
+            candidates.append(inverted)
+    if mode in ("auto", "fewbit"):
+        after = packed_nbytes(saves.numel, bits) + 4 * 2**bits
+        candidates.append(Decision("fewbit", bits, after, _fewbit_reason(saves, bits)))
+    if not candidates:
+        return Decision("kept", None, saves.saved_before,
+                        "output is modified in place later, so it cannot be saved (exact mode)")
+    best = min(candidates, key=lambda d: (d.saved_after, d.variant != "inverted"))
+    if best.saved_after >= saves.saved_before:
+        return Decision("kept", None, saves.saved_before,
+                        f"{best.label} would keep {best.saved_after} B, no less than now")
+    return best
+
+
+def _inverted_reason(site: Site, saves: SiteSaves) -> str:
+    bit = ", +1 bit/elem branch mask" if site.activation.needs_mask else ""
+    if saves.y_kept_by:
+        return f"output already kept by {saves.y_kept_by[0]}{bit}"
+    return f"output kept instead of input{bit}"
+
+
+def _fewbit_reason(saves: SiteSaves, bits: int) -> str:
+    if saves.y_mutated:
+        return f"output modified in place later; {bits} bits/elem"
+    return f"no consumer keeps the output; {bits} bits/elem instead of {8 * saves.y_bytes // max(saves.numel, 1)}"

@@ -1,0 +1,195 @@
+"""Detect: find the pointwise nonlinearities in a captured torch-IR graph.
+
+A site is either a module call (torch.nn or Hugging Face activation module; all the nodes
+traced inside it form the site, so formula GELUs count as one) or a functional call in some
+other module's forward (F.gelu, torch.sigmoid, x.tanh(), ...). Activations are read from
+the graph itself (targets and arguments, module classes), so the same code serves eager
+capture and the compiler backend.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from fewbit_fx import activations
+from fewbit_fx.activations import Activation
+from fewbit_fx.passes.capture import example_value, innermost_module
+
+# target -> (registry name, names of the positional arguments after the input)
+_FUNCTIONS: dict[object, tuple[str, tuple[str, ...]]] = {
+    F.gelu: ("gelu", ("approximate",)),
+    F.silu: ("silu", ("inplace",)),
+    F.mish: ("mish", ("inplace",)),
+    torch.sigmoid: ("sigmoid", ()),
+    F.sigmoid: ("sigmoid", ()),
+    torch.sigmoid_: ("sigmoid", ()),
+    torch.tanh: ("tanh", ()),
+    F.tanh: ("tanh", ()),
+    torch.tanh_: ("tanh", ()),
+    F.softplus: ("softplus", ("beta", "threshold")),
+    F.elu: ("elu", ("alpha", "inplace")),
+    F.elu_: ("elu", ("alpha",)),
+    torch.selu: ("selu", ()),
+    F.selu: ("selu", ("inplace",)),
+    F.celu: ("celu", ("alpha", "inplace")),
+    F.leaky_relu: ("leaky_relu", ("negative_slope", "inplace")),
+    F.relu: ("relu", ("inplace",)),
+    torch.relu: ("relu", ()),
+    torch.relu_: ("relu", ()),
+    F.relu_: ("relu", ()),
+    F.relu6: ("relu6", ("inplace",)),
+    F.hardtanh: ("hardtanh", ("min_val", "max_val", "inplace")),
+    F.hardsigmoid: ("hardsigmoid", ("inplace",)),
+    F.hardswish: ("hardswish", ("inplace",)),
+    F.logsigmoid: ("logsigmoid", ()),
+    F.softsign: ("softsign", ()),
+    F.tanhshrink: ("tanhshrink", ()),
+}
+_METHODS: dict[str, str] = {
+    "sigmoid": "sigmoid", "sigmoid_": "sigmoid", "tanh": "tanh", "tanh_": "tanh",
+    "relu": "relu", "relu_": "relu",
+}
+_INPLACE_TARGETS = {torch.sigmoid_, torch.tanh_, F.elu_, torch.relu_, F.relu_}
+
+# Hugging Face module classes whose forward is several ops; by class name (no import).
+_FORMULA_CLASSES = {
+    "NewGELUActivation": "gelu_tanh_formula",
+    "FastGELUActivation": "gelu_fast_formula",
+    "QuickGELUActivation": "quick_gelu",
+    "GELUActivation": "gelu_erf_formula",  # multi-node only when use_gelu_python=True
+}
+
+
+@dataclass
+class Site:
+    """One activation call in a captured graph."""
+
+    activation: Activation
+    nodes: list[fx.Node]          # the graph nodes that compute it (one, or a formula)
+    input: fx.Node
+    graph_index: int
+    owner_path: str               # module whose forward makes the call
+    module_path: str | None       # the activation module itself, for module sites
+    occurrence: int = 0           # functional sites: index among the owner's activation calls
+    inplace: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def output(self) -> fx.Node:
+        return self.nodes[-1]
+
+    @property
+    def name(self) -> str:
+        if self.module_path is not None:
+            return self.module_path or "<root>"
+        owner = self.owner_path or "<root>"
+        return f"{owner}:{self.activation.name}#{self.occurrence}"
+
+    @property
+    def rewrite_key(self) -> tuple:
+        """Sites sharing a key are rewritten together (a module called several times)."""
+        if self.module_path is not None:
+            return ("module", self.module_path)
+        return ("call", self.owner_path, self.occurrence)
+
+
+def activation_of_node(node: fx.Node) -> tuple[Activation, bool] | None:
+    """(Activation, in place?) for a single functional/method node, else None."""
+    if node.op == "call_function" and node.target in _FUNCTIONS:
+        name, arg_names = _FUNCTIONS[node.target]
+        named = dict(zip(arg_names, node.args[1:]))
+        named.update(node.kwargs)
+        inplace = bool(named.pop("inplace", False)) or node.target in _INPLACE_TARGETS
+    elif node.op == "call_method" and node.target in _METHODS:
+        name, named = _METHODS[node.target], dict(node.kwargs)
+        inplace = node.target.endswith("_")
+    else:
+        return None
+    if name == "gelu" and named.pop("approximate", "none") == "tanh":
+        name = "gelu_tanh"
+    named.pop("approximate", None)
+    try:
+        return activations.get(name, **named), inplace
+    except TypeError:
+        return None  # e.g. a parameter given as a tensor: leave the call alone
+
+
+def find_sites(graphs: list[fx.GraphModule]) -> list[Site]:
+    sites: list[Site] = []
+    occurrences: dict[str, int] = {}
+    for gi, gm in enumerate(graphs):
+        for group, owner in _module_groups(gm.graph):
+            site = _module_site(group, owner, gi)
+            if site is not None:
+                sites.append(site)
+        for node in gm.graph.nodes:
+            scope = innermost_module(node)
+            if scope is not None and _activation_module_class(scope[1], 1) is not None:
+                continue  # inside an activation module: handled as a module site
+            found = activation_of_node(node)
+            if found is None or not _is_tensor_node(node.args[0]):
+                continue
+            owner = scope[0] if scope else ""
+            k = occurrences.get(owner, 0)
+            occurrences[owner] = k + 1
+            act, inplace = found
+            sites.append(Site(act, [node], node.args[0], gi, owner, None, k, inplace))
+    return sites
+
+
+def _module_groups(graph: fx.Graph):
+    """Runs of consecutive nodes traced inside the same activation module call."""
+    group: list[fx.Node] = []
+    current = None
+    for node in graph.nodes:
+        scope = innermost_module(node) if node.op in ("call_function", "call_method") else None
+        key = scope if scope and _activation_module_class(scope[1], 1) is not None else None
+        if key != current:
+            if group:
+                yield group, current
+            group = []
+        current = key
+        if key is not None:
+            group.append(node)
+    if group:
+        yield group, current
+
+
+def _module_site(group: list[fx.Node], scope: tuple[str, type], gi: int) -> Site | None:
+    path, cls = scope
+    inside = set(group)
+    inputs = {a for n in group for a in n.all_input_nodes if a not in inside and _is_tensor_node(a)}
+    if len(inputs) != 1:
+        return None
+    (x,) = inputs
+    if len(group) == 1:
+        found = activation_of_node(group[0])
+        if found is None:
+            return None
+        act, inplace = found
+    else:
+        name = _activation_module_class(cls, len(group))
+        if name is None or name not in activations.SUPPORTED:
+            return None
+        act, inplace = activations.get(name), False
+    owner = path.rsplit(".", 1)[0] if "." in path else ""
+    return Site(act, group, x, gi, owner, path, inplace=inplace)
+
+
+def _activation_module_class(cls: type, n_nodes: int) -> str | None:
+    """Registry name for an activation module class (formula classes by name)."""
+    if cls.__module__.startswith("transformers") and cls.__name__ in _FORMULA_CLASSES:
+        return _FORMULA_CLASSES[cls.__name__] if n_nodes > 1 else "single-op"
+    if cls.__module__.startswith("transformers") and cls.__name__ in activations._HF_CLASSES:
+        return "single-op"
+    for spec in activations._SPECS.values():
+        if cls in spec.modules:
+            return "single-op"
+    return None
+
+
+def _is_tensor_node(arg) -> bool:
+    return isinstance(arg, fx.Node) and isinstance(example_value(arg), torch.Tensor)

@@ -1,0 +1,291 @@
+"""Analyse saves: which tensors each op keeps for backward, per PyTorch's derivative formulas
+(torchgen's derivatives.yaml) and requires_grad, and what that means for one site.
+
+Tensors are grouped into storage families: a view, reshape, permute, eval-mode dropout or
+same-dtype cast shares its input's storage, so "the next Linear saves y" is seen through
+them. An op this table does not know is assumed to keep all its tensor inputs: that errs
+toward exact gradients (inverted) and toward leaving a site alone, never toward a loss.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from fewbit_fx.passes.capture import example_value
+from fewbit_fx.passes.detect import Site, activation_of_node
+
+# --- ops that return (a view of) their first argument ---------------------------------
+_VIEW_METHODS = {
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose",
+    "t", "expand", "expand_as", "unsqueeze", "squeeze", "narrow", "split", "chunk", "unbind",
+    "detach", "as_strided", "movedim", "swapaxes", "unfold", "diagonal", "select", "__getitem__",
+}
+_VIEW_FUNCTIONS = {
+    torch.reshape, torch.flatten, torch.permute, torch.transpose, torch.t, torch.unsqueeze,
+    torch.squeeze, torch.narrow, torch.split, torch.chunk, torch.unbind, torch.movedim,
+    torch.swapaxes, torch.select, torch.detach, operator.getitem,
+}
+# --- ops that keep nothing of their tensor inputs --------------------------------------
+_NO_SAVE_FUNCTIONS = {
+    operator.add, operator.sub, operator.neg, operator.iadd, operator.isub, operator.pos,
+    torch.add, torch.sub, torch.neg, torch.cat, torch.concat, torch.stack, torch.sum,
+    torch.mean, torch.clone, torch.zeros_like, torch.ones_like, torch.empty_like,
+    torch.full_like, torch.rand_like, torch.randn_like, F.pad, torch.cumsum, torch.flip,
+    torch.roll, torch.tril, torch.triu, getattr, torch.masked_fill, torch.repeat_interleave,
+    F.embedding,  # keeps the indices (integers), not a float activation
+}
+_NO_SAVE_METHODS = {
+    "add", "add_", "sub", "sub_", "neg", "sum", "mean", "clone", "contiguous", "to", "type",
+    "float", "half", "bfloat16", "double", "size", "dim", "numel", "masked_fill",
+    "masked_fill_", "repeat", "cumsum", "flip", "roll", "new_zeros", "new_ones", "new_empty",
+    "zero_", "fill_", "copy_", "__add__", "__radd__", "__sub__", "__rsub__", "__neg__",
+    "tril", "triu", "type_as", "requires_grad_", "item", "tolist", "__len__",
+}
+_SAVE_INPUT_FUNCS = {  # keep their input (f'(x) needs x)
+    torch.pow, torch.log, torch.sin, torch.cos, torch.erf, torch.abs, torch.square,
+    torch.log1p, torch.atan, torch.asin, torch.acos, F.normalize,
+}
+_SAVE_INPUT_METHODS = {"pow", "log", "sin", "cos", "erf", "abs", "square", "log1p", "__pow__"}
+_SAVE_RESULT_FUNCS = {  # keep their output only
+    torch.exp, torch.sqrt, torch.rsqrt, torch.reciprocal, torch.softmax, F.softmax,
+    torch.log_softmax, F.log_softmax, torch.special.expit,
+}
+_SAVE_RESULT_METHODS = {"exp", "sqrt", "rsqrt", "reciprocal", "softmax", "log_softmax"}
+_RESULT_SAVING_ACTIVATIONS = {"sigmoid", "tanh", "relu"}
+_MATMULS = {
+    torch.mm, torch.bmm, torch.matmul, operator.matmul, torch.Tensor.matmul,
+}
+_MATMUL_METHODS = {"mm", "bmm", "matmul", "__matmul__"}
+_CONVS = {
+    F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+}
+_NORMS = {F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm, torch.layer_norm}
+if hasattr(F, "rms_norm"):
+    _NORMS.add(F.rms_norm)
+_MULS = {operator.mul, torch.mul, operator.imul}
+_DIVS = {operator.truediv, torch.div, operator.itruediv}
+
+
+def _rg(arg) -> bool:
+    v = example_value(arg) if isinstance(arg, fx.Node) else None
+    return isinstance(v, torch.Tensor) and v.requires_grad
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    return [a for a in node.all_input_nodes if isinstance(example_value(a), torch.Tensor)]
+
+
+def saved_inputs(node: fx.Node) -> tuple[list[fx.Node], bool]:
+    """(nodes whose value `node` keeps for backward, known op?). A node whose output it
+    keeps (sigmoid, exp, softmax) lists itself."""
+    if node.op not in ("call_function", "call_method"):
+        return [], True
+    args = node.args
+    t, m = node.target, node.target if node.op == "call_method" else None
+    tensors = _tensor_args(node)
+    if not any(_rg(a) for a in tensors) and not _rg(node):
+        return [], True  # no gradient flows: autograd keeps nothing
+    if t in _VIEW_FUNCTIONS or m in _VIEW_METHODS or t in _NO_SAVE_FUNCTIONS or m in _NO_SAVE_METHODS:
+        return [], True
+    if t in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout):
+        return [], True  # keeps a mask, not the input
+    if t is F.linear:
+        x, w = args[0], args[1]
+        return [n for n, other in ((x, w), (w, x)) if _rg(other)], True
+    if t is torch.addmm or m == "addmm":
+        a, b = (args[1], args[2]) if t is torch.addmm else (args[0], args[1])
+        return [n for n, other in ((a, b), (b, a)) if _rg(other)], True
+    if t is torch.baddbmm:
+        a, b = args[1], args[2]
+        return [n for n, other in ((a, b), (b, a)) if _rg(other)], True
+    if t in _MATMULS or m in _MATMUL_METHODS:
+        a, b = args[0], args[1]
+        return [n for n, other in ((a, b), (b, a)) if _rg(other)], True
+    if t is torch.einsum:
+        ops = [a for a in args[1:] if isinstance(a, fx.Node)]
+        return [a for a in ops if any(_rg(o) for o in ops if o is not a)], True
+    if t in _CONVS:
+        return [a for a in args[:2] if isinstance(a, fx.Node)], True  # input and weight
+    if t in _NORMS:
+        return [args[0]], True
+    if t in _MULS or m in ("mul", "mul_", "__mul__", "__rmul__"):
+        a, b = args[0], args[1]
+        return [n for n, other in ((a, b), (b, a)) if isinstance(n, fx.Node) and _rg(other)], True
+    if t in _DIVS or m in ("div", "div_", "__truediv__"):
+        a, b = args[0], args[1]
+        out = [b] if isinstance(b, fx.Node) else []
+        if isinstance(b, fx.Node) and _rg(b) and isinstance(a, fx.Node):
+            out.append(a)
+        return out, True
+    if t in _SAVE_INPUT_FUNCS or m in _SAVE_INPUT_METHODS:
+        return [a for a in tensors], True
+    if t in _SAVE_RESULT_FUNCS or m in _SAVE_RESULT_METHODS:
+        return [node], True
+    if t is F.scaled_dot_product_attention:
+        return [a for a in args[:3] if isinstance(a, fx.Node)] + [node], True
+    if t is torch.where:
+        return [args[0]] if isinstance(args[0], fx.Node) else [], True
+    found = activation_of_node(node)
+    if found is not None:
+        act, inplace = found
+        keeps_result = act.name in _RESULT_SAVING_ACTIVATIONS or (inplace and act.name in ("elu", "celu", "selu"))
+        return ([node] if keeps_result else [args[0]]), True
+    return tensors, False  # unknown: assume it keeps every tensor input
+
+
+def _is_view(node: fx.Node) -> bool:
+    """True when node's value shares storage with its first argument."""
+    t = node.target
+    if node.op == "call_method":
+        if t in _VIEW_METHODS or (t.endswith("_") and not t.startswith("__")):
+            return True
+        if t == "contiguous":
+            src = example_value(node.args[0])
+            return isinstance(src, torch.Tensor) and src.is_contiguous()
+        if t in ("to", "type", "float", "half", "bfloat16", "double", "type_as"):
+            src, out = example_value(node.args[0]), example_value(node)
+            return isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and (
+                src.dtype == out.dtype and src.device == out.device
+            )
+        return False
+    if node.op != "call_function":
+        return False
+    if t in _VIEW_FUNCTIONS:
+        return not (t is operator.getitem and _advanced_index(node))
+    if t in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout):
+        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+        return not training or p == 0
+    return node.kwargs.get("inplace", False) is True or t in (
+        operator.iadd, operator.isub, operator.imul, operator.itruediv
+    )
+
+
+def _advanced_index(node: fx.Node) -> bool:
+    idx = node.args[1]
+    items = idx if isinstance(idx, tuple) else (idx,)
+    return any(isinstance(i, fx.Node) and isinstance(example_value(i), torch.Tensor) for i in items)
+
+
+def _mutates(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("__")
+    if node.op == "call_function":
+        return node.kwargs.get("inplace", False) is True or node.target in (
+            operator.iadd, operator.isub, operator.imul, operator.itruediv,
+            torch.relu_, torch.sigmoid_, torch.tanh_, F.relu_, F.elu_,
+        )
+    return False
+
+
+@dataclass
+class GraphSaves:
+    """Storage families of one graph and who keeps each for backward."""
+
+    family: dict[fx.Node, fx.Node]            # node -> family root
+    keepers: dict[fx.Node, list[fx.Node]]     # family root -> nodes that keep it
+    unknown: dict[fx.Node, list[str]]         # family root -> unknown ops that may keep it
+    escapes: set[fx.Node]                     # family roots returned from the graph
+
+    def members(self, root: fx.Node) -> list[fx.Node]:
+        return [n for n, r in self.family.items() if r is root]
+
+
+def analyse_graph(graph: fx.Graph) -> GraphSaves:
+    family: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        src = node.args[0] if node.args else None
+        family[node] = family.get(src, src) if isinstance(src, fx.Node) and _is_view(node) else node
+    keepers: dict[fx.Node, list[fx.Node]] = {}
+    unknown: dict[fx.Node, list[str]] = {}
+    escapes: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "output":
+            escapes.update(family[a] for a in node.all_input_nodes)
+            continue
+        kept, known = saved_inputs(node)
+        for k in kept:
+            keepers.setdefault(family[k], []).append(node)
+            if not known:
+                unknown.setdefault(family[k], []).append(_describe(node))
+    return GraphSaves(family, keepers, unknown, escapes)
+
+
+@dataclass
+class SiteSaves:
+    """What one site costs now and what its neighbours keep anyway."""
+
+    numel: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    saved_before: int                  # bytes kept only because of this site
+    y_kept_by: list[str] = field(default_factory=list)
+    x_kept_by: list[str] = field(default_factory=list)
+    y_mutated: bool = False            # an in-place op changes y later: saving y is unsafe
+    x_reused_after: bool = False       # in-place site whose input is read again
+
+    @property
+    def y_bytes(self) -> int:
+        return self.numel * _itemsize(self.dtype)
+
+
+def analyse_site(site: Site, gs: GraphSaves) -> SiteSaves:
+    inside = set(site.nodes)
+    y = example_value(site.output)
+    own = {gs.family[k] for n in site.nodes for k in saved_inputs(n)[0]}
+    before = 0
+    for root in own:
+        outsiders = [k for k in gs.keepers.get(root, []) if k not in inside]
+        if not outsiders and root not in gs.escapes:
+            before += _family_bytes(root, gs)
+    y_root, x_root = gs.family[site.output], gs.family[site.input]
+    y_kept = [_describe(k) for k in gs.keepers.get(y_root, []) if k not in inside]
+    if y_root in gs.escapes:
+        y_kept.append("a later graph or the caller (returned from the captured graph)")
+    x_kept = [_describe(k) for k in gs.keepers.get(x_root, []) if k not in inside]
+    members_y = gs.members(y_root)
+    y_mutated = any(
+        _mutates(u) and u not in inside for m in members_y for u in m.users
+    )
+    x_reused = site.inplace and _read_after(site, gs)
+    return SiteSaves(
+        numel=y.numel(), dtype=y.dtype, shape=tuple(y.shape), saved_before=before,
+        y_kept_by=y_kept, x_kept_by=x_kept, y_mutated=y_mutated, x_reused_after=x_reused,
+    )
+
+
+def _read_after(site: Site, gs: GraphSaves) -> bool:
+    """For in-place sites: is the input read by anything other than the site?"""
+    order = {n: i for i, n in enumerate(site.output.graph.nodes)}
+    pos = order[site.nodes[0]]
+    # Aliases of x made before the call; the site's output aliases x too, but reading it
+    # afterwards is reading y, which the rewrite preserves.
+    members = [m for m in gs.members(gs.family[site.input]) if order[m] < pos]
+    return any(order[u] > pos for m in members for u in m.users if u not in site.nodes)
+
+
+def _family_bytes(root: fx.Node, gs: GraphSaves) -> int:
+    v = example_value(root)
+    if not isinstance(v, torch.Tensor):
+        return 0
+    try:
+        return int(v.untyped_storage().nbytes())
+    except Exception:  # noqa: BLE001 - some fake tensors have no storage
+        return v.numel() * _itemsize(v.dtype)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _describe(node: fx.Node) -> str:
+    from fewbit_fx.passes.capture import innermost_module
+
+    scope = innermost_module(node)
+    where = scope[0] if scope and scope[0] else "<root>"
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{target} in {where}"
