@@ -6,6 +6,9 @@
 """
 from fewbit_fx import nn, ops  # noqa: F401  (ops registers the custom ops)
 from fewbit_fx.api import optimize, report
+from fewbit_fx.backend import backend, register as _register_backend
+
+_register_backend()
 
 __version__ = "0.1.0"
-__all__ = ["optimize", "report", "nn", "__version__"]
+__all__ = ["optimize", "report", "backend", "nn", "__version__"]

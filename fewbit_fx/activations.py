@@ -50,8 +50,19 @@ class Activation:
 
     @property
     def needs_mask(self) -> bool:
-        """True when y does not say on which side of the minimum x was (one bit needed)."""
-        return not self.monotone
+        """True when y does not say which branch x was on, so one bit per element is kept:
+        non-monotone functions (which side of the minimum) and Softplus with a small
+        threshold (f jumps there, so values just above it come from both sides)."""
+        return self.branch_point is not None
+
+    @property
+    def branch_point(self) -> float | None:
+        """The mask bit is x > branch_point."""
+        if not self.monotone:
+            return self.x_min
+        if self.spec.ambiguous_at is not None:
+            return self.spec.ambiguous_at(self.p)
+        return None
 
     @property
     def kinks(self) -> tuple[float, ...]:
@@ -80,7 +91,9 @@ class Activation:
 
     def derivative(self, x: Tensor) -> Tensor:
         """f'(x) with torch autograd's convention at kinks (reference, any dtype)."""
-        with torch.enable_grad():
+        # Identity hooks shadow any saved_tensors_hooks of the caller: this internal
+        # computation (tables are fitted lazily, even mid-step) must not be measured.
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
             xr = x.detach().requires_grad_(True)
             (g,) = torch.autograd.grad(self.forward(xr).sum(), xr)
         return g
@@ -90,6 +103,10 @@ class Activation:
             return self.name
         args = ", ".join(f"{k}={v:g}" for k, v in self.params)
         return f"{self.name}({args})"
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
 
 
 @dataclass(frozen=True)
@@ -109,6 +126,8 @@ class _Spec:
     # of the twin serves them: f'(x) = twin'(x') where twin(x') = scale * y.
     twin: str | None = None
     twin_scale: float = 1.0
+    # Monotone functions with a jump where y alone cannot tell the side: x of the jump.
+    ambiguous_at: Callable[[dict], float | None] | None = None
 
 
 def _scaled(derivative: Callable[[Tensor, Tensor | None, dict], Tensor]):
@@ -119,6 +138,19 @@ def _scaled(derivative: Callable[[Tensor, Tensor | None, dict], Tensor]):
         return (grad.to(compute) * derivative(y.to(compute), right, p)).to(grad.dtype)
 
     return grad_from_output
+
+
+def _softplus_jump(p: dict) -> float | None:
+    """torch switches to the identity for beta*x > threshold, where f jumps down by
+    log1p(exp(-threshold))/beta; f' differs across by ~exp(-threshold). Only when that
+    is visible in fp32 (>= 2^-24) does the side need a bit."""
+    return p["threshold"] / p["beta"] if math.exp(-p["threshold"]) >= 2.0**-24 else None
+
+
+def _softplus_from_output(y: Tensor, right: Tensor | None, p: dict) -> Tensor:
+    """sigmoid(beta*x) = 1 - exp(-beta*y) below the threshold, 1 above it."""
+    linear = right if right is not None else y * p["beta"] > p["threshold"]
+    return torch.where(linear, torch.ones_like(y), -torch.expm1(-p["beta"] * y))
 
 
 def _hardswish_from_output(y: Tensor, right: Tensor | None, p: dict) -> Tensor:
@@ -181,11 +213,8 @@ _SPECS: dict[str, _Spec] = {
         param_names=("beta", "threshold"),
         kinks=lambda p: [p["threshold"] / p["beta"]],
         # sigmoid(beta*x) = 1 - exp(-beta*y); in the linear region beta*y > threshold it is 1.
-        grad_from_output=_scaled(
-            lambda y, r, p: torch.where(
-                y * p["beta"] > p["threshold"], torch.ones_like(y), -torch.expm1(-p["beta"] * y)
-            )
-        ),
+        grad_from_output=_scaled(_softplus_from_output),
+        ambiguous_at=_softplus_jump,
         modules=(nn.Softplus,),
     ),
     "elu": _Spec(
@@ -388,12 +417,25 @@ def _x_min(act: Activation) -> float:
         return float(y[1] - y[0])
 
     lo, hi = -6.0, 0.0
+    with real_tensors():
+        return _bisect_min(act, slope, lo, hi)
+
+
+def _bisect_min(act: Activation, slope, lo: float, hi: float) -> float:
     if not (slope(lo) < 0 < slope(hi)):
         raise ValueError(f"{act} has no single minimum in [-6, 0]")
     for _ in range(60):
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if slope(mid) < 0 else (lo, mid)
     return 0.5 * (lo + hi)
+
+
+def real_tensors():
+    """Compute cached constants on real tensors even when first asked for while torch.compile
+    traces with fake tensors (active dispatch modes are suspended)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    return _disable_current_modes()
 
 
 __all__ = ["Activation", "SUPPORTED", "get", "from_module"]

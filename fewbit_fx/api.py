@@ -102,24 +102,42 @@ def optimize(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode
 
 
 def _optimize_on_first_call(model, mode, bits, overrides):
-    def analyse_then_run(module, args, kwargs):
-        handle.remove()
-        optimize(module, example_inputs=tuple(args), example_kwargs=kwargs, mode=mode,
-                 bits=bits, overrides=overrides)
-        return None
+    """Analyse on the first call, with its own inputs. The instance's forward is replaced
+    (not a pre-hook: torch looks up forward before pre-hooks run, and the rewrite may
+    replace the root's own forward), then restored before the rewrite."""
+    previous = model.__dict__.get("forward")
 
-    handle = model.register_forward_pre_hook(analyse_then_run, with_kwargs=True)
+    def analyse_then_run(*args, **kwargs):
+        if previous is None:
+            del model.forward
+        else:
+            model.forward = previous
+        optimize(model, example_inputs=tuple(args), example_kwargs=kwargs, mode=mode,
+                 bits=bits, overrides=overrides)
+        return model.forward(*args, **kwargs)
+
+    model.forward = analyse_then_run
     return model
 
 
 def report(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode: str = "auto",
-           bits: int = 3, overrides: dict[str, str] | None = None, measure: bool = True) -> Report:
+           bits: int = 3, overrides: dict[str, str] | None = None, measure: bool = True,
+           compiled: bool = False) -> Report:
     """Dry run: what optimize() would do, per site, without touching the model.
 
     With `measure`, one real forward/backward of the original and of a rewritten copy
     gives the measured saved bytes (parameters excluded); gradients are not accumulated
-    into the model and buffers and RNG are restored.
+    into the model and buffers and RNG are restored. With `compiled`, the rows compare
+    torch.compile's default with the fewbit backend, read from the partitioned graphs
+    (copies of the model are compiled; the model itself is untouched).
     """
+    if compiled:
+        from fewbit_fx.compiled_report import compiled_report
+
+        decide.check_mode(mode)
+        check_bits(bits)
+        return compiled_report(model, example_inputs=example_inputs, example_kwargs=example_kwargs,
+                               mode=mode, bits=bits, overrides=overrides)
     if example_inputs is None and example_kwargs is None:
         existing = getattr(model, "_fewbit_report", None)
         if existing is not None:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from fewbit_fx import ops
 from fewbit_fx.activations import Activation, from_module
+from fewbit_fx.ops._common import check_input
 from fewbit_fx.packing import check_bits
 
 
@@ -45,6 +46,7 @@ class FewBit(nn.Module):
         self.register_buffer("levels", table.levels.float(), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        check_input(x, "FewBit")  # also without grad: the same inputs work in both modes
         if not _needs_saving(x):
             return self.activation.forward(x)
         y, _ = ops.fewbit_forward(
@@ -69,6 +71,7 @@ class Inverted(nn.Module):
             )
 
     def forward(self, x: Tensor) -> Tensor:
+        check_input(x, "Inverted")  # also without grad: the same inputs work in both modes
         if not _needs_saving(x):
             return self.activation.forward(x)
         y, _ = ops.inverted_forward(x, self.activation.name, self.activation.param_list)

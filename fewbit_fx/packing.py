@@ -35,7 +35,10 @@ def pack(codes: Tensor, bits: int) -> Tensor:
     byte_shifts = torch.arange(8, device=codes.device, dtype=torch.uint8)
     stream = stream.reshape(groups, bits, 8) << byte_shifts  # regroup the bit stream by byte
     packed = stream.sum(dim=-1, dtype=torch.uint8).reshape(-1)
-    return packed[: packed_nbytes(n, bits)]
+    nbytes = packed_nbytes(n, bits)
+    # The last group can hold up to bits - 1 bytes past the last code: copy rather than
+    # return a view, so that only ceil(n*bits/8) bytes stay alive for backward.
+    return packed if packed.numel() == nbytes else packed[:nbytes].clone()
 
 
 def unpack(packed: Tensor, bits: int, numel: int) -> Tensor:

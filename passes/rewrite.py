@@ -113,7 +113,7 @@ def _stage_functional(model: nn.Module, owner_path: str, planned: list[Planned])
                 f"{type(owner).__name__}.forward traced differently from the captured graph"
             )
         name = _free_name(owner, f"fewbit_{act.name}_{k}")
-        children[name] = build_module(p.site, p.decision)
+        children[name] = build_module(p.site, p.decision).train(owner.training)
         with graph.inserting_before(node):
             call = graph.call_module(name, (node.args[0],))
         node.replace_all_uses_with(call)

@@ -21,12 +21,24 @@ def fewbit_forward(
     return _forward(x, act, params, borders, bits)
 
 
-def _forward(x, act, params, borders, bits):
+def _forward(x, act, params, borders, bits, search=torch.bucketize):
     check_input(x, "FewBit")
     y = from_op_args(act, params).forward(x)
     dt = compare_dtype(x.dtype)
-    codes = torch.bucketize(x.to(dt), borders.to(dt))
+    codes = search(x.to(dt), borders.to(dt))
     return y, pack(codes, bits)
+
+
+def _binary_search(x: Tensor, borders: Tensor) -> Tensor:
+    """bucketize(x, borders) for 2^b - 1 sorted borders as b branch-free steps of a small
+    indexed load: Inductor fuses this, while aten.bucketize is an extern call on CPU.
+    `~(x <= border)` sends NaN to the last interval, as bucketize does."""
+    steps = (borders.numel() + 1).bit_length() - 1
+    idx = torch.zeros_like(x, dtype=torch.int64)
+    for k in reversed(range(steps)):
+        cand = idx + (1 << k)
+        idx = torch.where(~(x <= borders[cand - 1]), cand, idx)
+    return idx
 
 
 @torch.library.custom_op("fewbit_fx::fewbit_backward", mutates_args=())
@@ -62,6 +74,6 @@ fewbit_backward.register_autograd(no_double_backward, setup_context=lambda ctx, 
 
 # Inductor sees through both ops: their bodies are plain aten, so they fuse with neighbours.
 register_decomposition(torch.ops.fewbit_fx.fewbit_forward.default)(
-    lambda x, act, params, borders, levels, bits: _forward(x, act, params, borders, bits)
+    lambda x, act, params, borders, levels, bits: _forward(x, act, params, borders, bits, _binary_search)
 )
 register_decomposition(torch.ops.fewbit_fx.fewbit_backward.default)(_backward)

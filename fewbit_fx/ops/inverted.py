@@ -8,13 +8,15 @@ from torch import Tensor
 from torch._inductor.decomposition import register_decomposition
 
 from fewbit_fx.activations import Activation, from_op_args
+# Imported eagerly: its tables are built on import, never while torch.compile traces.
+from fewbit_fx.inverse import derivative_from_output
 from fewbit_fx.ops._common import check_input, compare_dtype, no_double_backward
 from fewbit_fx.packing import pack, unpack
 
 
 @torch.library.custom_op("fewbit_fx::inverted_forward", mutates_args=())
 def inverted_forward(x: Tensor, act: str, params: list[float]) -> tuple[Tensor, Tensor]:
-    """(f(x), packed 1-bit mask x > x_min); the mask is empty for monotone functions."""
+    """(f(x), packed 1-bit mask x > branch point); empty when y alone tells the branch."""
     return _forward(x, act, params)
 
 
@@ -24,7 +26,7 @@ def _forward(x, act, params):
     y = a.forward(x)
     if not a.needs_mask:
         return y, x.new_empty(0, dtype=torch.uint8)
-    return y, pack(x.to(compare_dtype(x.dtype)) > a.x_min, 1)
+    return y, pack(x.to(compare_dtype(x.dtype)) > a.branch_point, 1)
 
 
 @torch.library.custom_op("fewbit_fx::inverted_backward", mutates_args=())
@@ -43,8 +45,6 @@ def grad_from_output(a: Activation, grad: Tensor, y: Tensor, right: Tensor | Non
     """grad * f'(x): a closed form in y where one exists, else the numerical inverse."""
     if a.exact_from_output:
         return a.spec.grad_from_output(grad, y, right, a.p)
-    from fewbit_fx.inverse import derivative_from_output
-
     dt = compare_dtype(grad.dtype)
     if a.twin is not None:  # f(x) = twin(s*x)/s, so f'(x) = twin'(x') with twin(x') = s*y
         twin, scale = a.twin

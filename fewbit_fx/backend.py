@@ -1,0 +1,164 @@
+"""The "fewbit" torch.compile backend: the graph pass on Dynamo's graph, then Inductor.
+
+    torch.compile(model, backend="fewbit")                       # defaults: auto, 3 bits
+    torch.compile(model, backend=fewbit_fx.backend(mode="exact", max_autotune=True))
+
+The rewrite happens on the torch-IR graph before AOTAutograd, so the custom ops' Inductor
+decompositions let Inductor fuse them with their neighbours, and the partitioner sees the
+rewritten forward (it saves y and the packed codes instead of x). Since the rewrite is
+part of the graph Inductor receives, Inductor's and AOTAutograd's caches key on it: a warm
+cache can never return an un-rewritten or stale graph.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import operator
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import fx
+
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from fewbit_fx.packing import check_bits
+from fewbit_fx.passes import decide, detect, saves
+from fewbit_fx.passes.rewrite import Planned
+
+
+def backend(mode: str = "auto", bits: int = 3, overrides: dict[str, str] | None = None,
+            strict: bool = False, **inductor_options) -> Callable:
+    """A configured backend. `inductor_options` go to Inductor as config patches
+    (for example max_autotune=True, or triton.cudagraphs=True).
+
+    If the rewrite or its compilation fails, the graph is compiled unchanged by plain
+    Inductor and a warning says why (the model never breaks); `strict=True` raises instead.
+    """
+    decide.check_mode(mode)
+    check_bits(bits)
+    patches = _with_cache_key(dict(inductor_options))
+
+    def fewbit(gm: fx.GraphModule, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        original = copy.deepcopy(gm.graph)
+        try:
+            planned = plan_graph(gm, mode, bits, overrides)
+            rewrite_graph(gm, planned)
+            compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        except Exception as e:  # noqa: BLE001 - fall back loudly, never break the model
+            if strict:
+                raise
+            warnings.warn(f"fewbit backend: rewrite failed ({type(e).__name__}: {e}); this graph "
+                          "is compiled by plain Inductor instead", RuntimeWarning, stacklevel=2)
+            gm.graph = original
+            gm.recompile()
+            fewbit.plans.append([])
+            return compile_fx(gm, example_inputs, config_patches=patches)
+        fewbit.plans.append(planned)
+        return compiled
+
+    fewbit.plans = []  # filled per graph; read by report(compiled=True) and tests
+    return fewbit
+
+
+class _ImplementationKey(CustomGraphPass):
+    """A no-op post-grad pass whose uuid hashes the code that decides what our ops lower to
+    (decompositions, packing, inverse, tables). Inductor and AOTAutograd put it in their
+    cache keys, so a warm cache never serves kernels built from an older implementation.
+    A pass the user configured still runs, and its uuid joins ours."""
+
+    def __init__(self, user_pass=None):
+        self.user_pass = user_pass
+
+    def __call__(self, graph: fx.Graph) -> None:
+        if self.user_pass is not None:
+            self.user_pass(graph)
+
+    def uuid(self):
+        user = self.user_pass.uuid() if hasattr(self.user_pass, "uuid") else None
+        return (_implementation_hash(), user)
+
+
+@functools.lru_cache(maxsize=None)
+def _implementation_hash() -> str:
+    from torch._inductor.custom_graph_pass import get_hash_for_files
+
+    root = Path(__file__).parent
+    files = sorted(str(p) for p in [*root.glob("ops/*.py"), root / "packing.py",
+                                    root / "inverse.py", root / "activations.py", root / "tables.py"])
+    return get_hash_for_files(tuple(files)).hex()
+
+
+def _with_cache_key(options: dict) -> dict:
+    options["post_grad_custom_post_pass"] = _ImplementationKey(options.get("post_grad_custom_post_pass"))
+    return options
+
+
+def fewbit_backend(gm: fx.GraphModule, example_inputs):
+    """Entry point for backend="fewbit" (default settings)."""
+    return backend()(gm, example_inputs)
+
+
+def plan_graph(gm: fx.GraphModule, mode: str, bits: int,
+               overrides: dict[str, str] | None) -> list[Planned]:
+    gs = saves.analyse_graph(gm.graph)
+    planned = []
+    for site in detect.find_sites([gm]):
+        sv = saves.analyse_site(site, gs)
+        planned.append(Planned(site, sv, decide.decide(site, sv, *decide.site_mode(site, mode, bits, overrides))))
+    return planned
+
+
+def rewrite_graph(gm: fx.GraphModule, planned: list[Planned]) -> int:
+    """Replace each chosen site's nodes by the custom op; returns how many were rewritten."""
+    count = 0
+    for p in planned:
+        if p.decision.variant == "kept" or p.site.inplace:
+            continue
+        site, act = p.site, p.site.activation
+        graph = gm.graph
+        with graph.inserting_before(site.output.next):  # keeps insertion order
+            if p.decision.variant == "inverted":
+                call = graph.call_function(
+                    torch.ops.fewbit_fx.inverted_forward.default, (site.input, act.name, act.param_list))
+            else:
+                borders, levels = _table_nodes(graph, site, p.decision.bits)
+                call = graph.call_function(
+                    torch.ops.fewbit_fx.fewbit_forward.default,
+                    (site.input, act.name, act.param_list, borders, levels, p.decision.bits))
+            y = graph.call_function(operator.getitem, (call, 0))
+        y.meta.update(site.output.meta)
+        site.output.replace_all_uses_with(y)
+        for node in reversed(site.nodes):
+            if not node.users:
+                graph.erase_node(node)
+        count += 1
+    gm.graph.lint()
+    gm.recompile()
+    return count
+
+
+def _table_nodes(graph: fx.Graph, site, bits: int) -> tuple[fx.Node, fx.Node]:
+    """The table as constant tensors built in the graph. (Buffers added to Dynamo's graph
+    module are rejected by AOTAutograd, which expects every attribute to have a source.)"""
+    from fewbit_fx.passes.capture import example_value
+    from fewbit_fx.tables import optimal_table
+
+    table = optimal_table(site.activation, bits)
+    device = example_value(site.input).device
+    return tuple(
+        graph.call_function(torch.tensor, (t.float().tolist(),), {"dtype": torch.float32, "device": device})
+        for t in (table.borders, table.levels)
+    )
+
+
+def register() -> None:
+    """Make backend="fewbit" resolve after `import fewbit_fx` (the entry point covers the
+    case without the import)."""
+    from torch._dynamo.backends.registry import _BACKENDS, register_backend
+
+    if "fewbit" not in _BACKENDS:
+        register_backend(name="fewbit")(fewbit_backend)

@@ -1,0 +1,119 @@
+"""Command line: `python -m fewbit_fx report|demo|bench-ops ...` (also `fewbit-fx ...`)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+
+
+def load_model(spec: str, scale: str):
+    """A model and example inputs from a catalog name (fewbit_fx.models), `hf:<model_type>`
+    (any Hugging Face config type, random weights, no download) or `module:factory`
+    (a callable returning (model, args) or (model, args, kwargs))."""
+    from fewbit_fx import models
+
+    if spec in models.names():
+        return models.build(spec, scale)
+    if spec.startswith("hf:"):
+        return models.build_hf(spec[3:], scale)
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        built = getattr(importlib.import_module(module_name), attr)()
+        model, args, kwargs = (*built, {}) if len(built) == 2 else built
+        return model, tuple(args) if isinstance(args, (tuple, list)) else (args,), kwargs
+    raise SystemExit(
+        f"unknown model {spec!r}: use one of {', '.join(models.names())}, hf:<model_type> "
+        "(e.g. hf:gpt2), or module:factory"
+    )
+
+
+def cmd_report(a) -> int:
+    import fewbit_fx
+
+    model, args, kwargs = load_model(a.model, a.scale)
+    overrides = dict(o.split("=", 1) for o in a.override)
+    t = time.perf_counter()
+    rep = fewbit_fx.report(model, example_inputs=args, example_kwargs=kwargs, mode=a.mode,
+                           bits=a.bits, overrides=overrides, measure=not a.no_measure,
+                           compiled=a.compiled)
+    print(rep.to_json(indent=2) if a.json else rep)
+    if not a.json:
+        print(f"(analysis and measurement took {time.perf_counter() - t:.1f} s)")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    """Optimize a real model (GPT-2 architecture, random weights), print its report, and
+    check that one training step of the optimized model runs with unchanged outputs."""
+    import torch
+
+    import fewbit_fx
+    from fewbit_fx.api import measure_step, scalar_loss
+
+    torch.manual_seed(0)
+    model, args, kwargs = load_model(a.model, a.scale)
+    print(f"model: {a.model} ({a.scale}), {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+    rep = fewbit_fx.report(model, example_inputs=args, example_kwargs=kwargs, mode=a.mode, bits=a.bits)
+    print(rep)
+    with torch.no_grad():
+        model.eval()
+        before = scalar_loss(model(*args, **kwargs))
+    model.train()
+    fewbit_fx.optimize(model, example_inputs=args, example_kwargs=kwargs, mode=a.mode, bits=a.bits)
+    with torch.no_grad():
+        model.eval()
+        after = scalar_loss(model(*args, **kwargs))
+    model.train()
+    print(f"\nforward unchanged after optimize: {bool(torch.equal(before, after))}")
+    print(f"saved for backward in one step of the optimized model: {measure_step(model, args, kwargs) / 2**20:.2f} MiB")
+    return 0
+
+
+def cmd_bench_ops(a) -> int:
+    from fewbit_fx import bench_ops
+
+    return bench_ops.main(a.rest)
+
+
+def cmd_bench(a) -> int:
+    from fewbit_fx import bench
+
+    return bench.main(a.rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fewbit-fx", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, fn, default_model in (("report", cmd_report, None), ("demo", cmd_demo, "gpt2")):
+        s = sub.add_parser(name, help=(fn.__doc__ or "").split("\n")[0])
+        if default_model:
+            s.add_argument("model", nargs="?", default=default_model)
+        else:
+            s.add_argument("model", help="catalog name, hf:<model_type>, or module:factory")
+        s.add_argument("--scale", default="small", choices=["tiny", "small", "base"])
+        s.add_argument("--mode", default="auto", choices=["auto", "exact", "fewbit"])
+        s.add_argument("--bits", type=int, default=3)
+        if name == "report":
+            s.add_argument("--override", action="append", default=[], metavar="PATTERN=VARIANT")
+            s.add_argument("--json", action="store_true")
+            s.add_argument("--no-measure", action="store_true", help="skip the measured step")
+            s.add_argument("--compiled", action="store_true",
+                           help="compare torch.compile's default with the fewbit backend")
+        s.set_defaults(fn=fn)
+    s = sub.add_parser("bench-ops", help="micro-benchmark of the ops against plain activations")
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=cmd_bench_ops)
+    s = sub.add_parser("bench", help="regenerate reports/: memory and speed against baselines")
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=cmd_bench)
+    a, extra = p.parse_known_args(argv)
+    if extra and not hasattr(a, "rest"):
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    if hasattr(a, "rest"):
+        a.rest = [r for r in a.rest if r != "--"] + extra
+    return a.fn(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

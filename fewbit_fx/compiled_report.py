@@ -1,0 +1,147 @@
+"""report(..., compiled=True): per site, what torch.compile saves for backward under its
+default and under the fewbit backend, read from the partitioned graphs themselves.
+
+A recording partitioner wraps the default min-cut partitioner. The backward graph's inputs
+(less the incoming gradients) are exactly what the forward saves; each saved value is
+traced back to the Dynamo nodes it came from (`from_node` provenance) and so to a site.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+from fewbit_fx.api import _inputs, scalar_loss
+from fewbit_fx.backend import plan_graph, rewrite_graph
+from fewbit_fx.measure import saved_bytes
+from fewbit_fx.passes.capture import innermost_module
+from fewbit_fx.report import Report, Row
+
+
+from torch._inductor.custom_graph_pass import CustomPartitionerFn
+
+
+class RecordingPartitioner(CustomPartitionerFn):
+    """Calls the default partitioner and records (bytes, provenance) of each saved value,
+    one list per compiled graph."""
+
+    def __init__(self):
+        self.graphs: list[list[tuple[int, set[str], str | None]]] = []
+
+    def __call__(self, gm: fx.GraphModule, joint_inputs, **kwargs):
+        from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+        fw, bw = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+        fw_nodes = {n.name: n for n in fw.graph.nodes}
+        saved = []
+        for p in bw.graph.find_nodes(op="placeholder"):
+            if p.name.startswith("tangents") or p.name not in fw_nodes:
+                continue
+            src = fw_nodes[p.name]
+            val = src.meta.get("val")
+            if isinstance(val, torch.Tensor) and src.op != "placeholder":
+                saved.append((val.numel() * val.element_size(), _provenance(src), _module_path(src)))
+        self.graphs.append(saved)
+        return fw, bw
+
+    def uuid(self):
+        return None  # never cached: the recording must run on every compile
+
+
+def _module_path(node: fx.Node) -> str | None:
+    scope = innermost_module(node)
+    return scope[0] if scope else None
+
+
+def _provenance(node: fx.Node) -> set[str]:
+    names, todo = set(), list(node.meta.get("from_node", []))
+    while todo:
+        src = todo.pop()
+        names.add(src.name)
+        todo.extend(getattr(src, "from_node", []) or [])
+    return names
+
+
+def compiled_report(model: nn.Module, *, example_inputs=None, example_kwargs=None,
+                    mode: str = "auto", bits: int = 3, overrides=None) -> Report:
+    from torch._inductor.compile_fx import compile_fx
+
+    args, kwargs = _inputs(example_inputs, example_kwargs)
+    default_rec, fewbit_rec = RecordingPartitioner(), RecordingPartitioner()
+    plans: list[list] = []
+    site_names: list[dict[str, set[str]]] = []
+
+    def default_backend(gm, ex):
+        return compile_fx(gm, ex, config_patches=_no_cache(default_rec))
+
+    def fewbit_backend(gm, ex):
+        planned = plan_graph(gm, mode, bits, overrides)
+        names = {p.site.name: {p.site.input.name, *(n.name for n in p.site.nodes)} for p in planned}
+        before = {n.name for n in gm.graph.nodes}
+        rewrite_graph(gm, planned)
+        for p in planned:  # the rewrite's new nodes belong to the site they replaced
+            names[p.site.name] |= _new_nodes_after(gm, p, before)
+        plans.append(planned)
+        site_names.append(names)
+        return compile_fx(gm, ex, config_patches=_no_cache(fewbit_rec))
+
+    measured = []
+    for backend in (default_backend, fewbit_backend):
+        # A cache hit would skip partitioning, and with it the recording.
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            measured.append(_measure_compiled(model, backend, args, kwargs))
+    torch._dynamo.reset()
+
+    rows = []
+    for gi, planned in enumerate(plans):
+        for p in planned:
+            names = site_names[gi][p.site.name]
+            before = _bytes_from(default_rec, gi, names, p.site.module_path)
+            after = _bytes_from(fewbit_rec, gi, names, p.site.module_path)
+            v = p.site.output.meta.get("example_value")
+            rows.append(Row(p.site.name, str(p.site.activation), p.decision.label, p.decision.reason,
+                            tuple(v.shape), str(v.dtype).replace("torch.", ""), before, after))
+    rep = Report(rows, mode, bits, measured_before=measured[0], measured_after=measured[1])
+    rep.notes.append("compiled: 'before' is torch.compile's default, 'after' the fewbit backend, "
+                     "both read from the partitioned graphs (backward-graph inputs)")
+    return rep
+
+
+def _no_cache(partitioner) -> dict:
+    from fewbit_fx.backend import _with_cache_key
+
+    return _with_cache_key({"custom_partitioner_fn": partitioner, "fx_graph_cache": False})
+
+
+def _measure_compiled(model: nn.Module, backend, args: tuple, kwargs: dict) -> int:
+    """Saved bytes of a warm compiled training step of a copy of `model`."""
+    torch._dynamo.reset()
+    m = copy.deepcopy(model)
+    cm = torch.compile(m, backend=backend)
+    scalar_loss(cm(*args, **kwargs)).backward()  # compile first: measure a warm step
+    rec = saved_bytes(lambda: scalar_loss(cm(*args, **kwargs)),
+                      exclude=list(m.parameters()) + list(m.buffers()))
+    rec.loss.backward()
+    return rec.bytes
+
+
+def _new_nodes_after(gm: fx.GraphModule, p, before: set[str]) -> set[str]:
+    """Nodes the rewrite added for this site: the op call, its getitem and table constants."""
+    out = set()
+    for n in gm.graph.nodes:
+        if n.name in before:
+            continue
+        if n.op == "call_function" and n.args and n.args[0] is p.site.input:
+            out.add(n.name)
+            out |= {u.name for u in n.users}
+            out |= {a.name for a in n.all_input_nodes if a.name not in before}
+    return out
+
+
+def _bytes_from(rec: RecordingPartitioner, gi: int, names: set[str], module: str | None) -> int:
+    """Bytes saved for a site: values traced back to its nodes, or made inside its module."""
+    if gi >= len(rec.graphs):
+        return 0
+    return sum(b for b, prov, path in rec.graphs[gi]
+               if prov & names or (module is not None and path == module))

@@ -1,0 +1,132 @@
+"""The "fewbit" torch.compile backend on CPU (Inductor's C++ backend)."""
+import importlib.metadata
+
+import pytest
+import torch
+from torch import nn
+from torch._inductor.utils import run_and_get_code
+
+import fewbit_fx
+from fewbit_fx.measure import saved_bytes
+
+
+class MLP(nn.Module):
+    def __init__(self, act, d=64, h=256, frozen_out=False):
+        super().__init__()
+        self.up, self.act, self.down = nn.Linear(d, h), act, nn.Linear(h, d)
+        self.down.requires_grad_(not frozen_out)
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x))) + x
+
+
+def step(model, x):
+    """Saved storages of one compiled training step, parameters excluded."""
+    rec = saved_bytes(lambda: model(x).square().mean(), exclude=list(model.parameters()))
+    rec.loss.backward()
+    return rec
+
+
+def compiled(model, backend):
+    torch._dynamo.reset()
+    return torch.compile(model, backend=backend)
+
+
+def test_backend_name_resolves_and_entry_point_is_declared():
+    from torch._dynamo.backends.registry import lookup_backend
+
+    assert lookup_backend("fewbit") is fewbit_fx.backend.__globals__["fewbit_backend"]
+    names = {ep.name for ep in importlib.metadata.entry_points(group="torch_dynamo_backends")}
+    assert "fewbit" in names
+
+
+def test_exact_mode_drops_the_preactivation_and_matches_default_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(32, 64)
+    model = MLP(nn.GELU())
+    default = step(compiled(model, "inductor"), x)
+    grads_default = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    be = fewbit_fx.backend(mode="exact", strict=True)
+    ours = step(compiled(model, be), x)
+    n = 32 * 256
+    # default keeps x, the pre-activation and y; exact keeps x, y and a 1-bit mask
+    # (both also keep the output, which the loss's square() saves)
+    io = 32 * 64 * 4
+    assert sorted(default.storages.values()) == [io, io, n * 4, n * 4]
+    assert sorted(ours.storages.values()) == [n // 8, io, io, n * 4]
+    assert [p.decision.label for plan in be.plans for p in plan] == ["inverted"]
+    for p, g in zip(model.parameters(), grads_default):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+
+
+def test_fewbit_kernels_are_fused_not_extern_calls():
+    x = torch.randn(16, 64)
+    model = MLP(nn.SiLU(), frozen_out=True)
+    cm = compiled(model, fewbit_fx.backend(mode="fewbit", bits=3, strict=True))
+    _, codes = run_and_get_code(lambda: cm(x).sum().backward())
+    calls = [line for c in codes for line in c.splitlines() if not line.lstrip().startswith("#")]
+    assert not [c for c in calls if "torch.ops.fewbit_fx" in c], "custom op was not decomposed"
+    assert not [c for c in calls if "torch.ops.aten.bucketize" in c], "extern call breaks fusion"
+    kernels = [c for c in calls if "cpp_fused" in c and "(" in c and "async_compile" not in c]
+    assert any("fewbit_forward" in k for k in kernels), kernels
+    assert any("fewbit_backward" in k for k in kernels), kernels
+
+
+def test_no_grad_eval_changes_nothing():
+    x = torch.randn(8, 64)
+    model = MLP(nn.GELU()).eval()
+    be = fewbit_fx.backend(strict=True)
+    with torch.no_grad():
+        out = compiled(model, be)(x)
+    assert all(p.decision.variant == "kept" for plan in be.plans for p in plan)
+    torch.testing.assert_close(out, model(x))
+
+
+def test_graph_breaks_dynamic_shapes_and_optimizer_steps():
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = MLP(nn.GELU()), MLP(nn.SiLU())
+
+        def forward(self, x):
+            h = self.a(x)
+            torch._dynamo.graph_break()
+            return self.b(h)
+
+    torch.manual_seed(0)
+    model = Broken()
+    be = fewbit_fx.backend(mode="exact", strict=True)
+    torch._dynamo.reset()
+    cm = torch.compile(model, backend=be, dynamic=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x = torch.randn(8, 64)
+    losses = []
+    for batch in (8, 5, 8, 5):
+        opt.zero_grad()
+        loss = cm(x[:batch]).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    labels = [p.decision.label for plan in be.plans for p in plan]
+    assert labels.count("inverted") >= 2  # one site in each graph
+    reference = Broken()
+    reference.load_state_dict(model.state_dict())
+    torch.testing.assert_close(cm(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert losses[-1] < losses[0]
+
+
+def test_warm_inductor_cache_still_applies_the_rewrite():
+    x = torch.randn(16, 64)
+    model = MLP(nn.GELU())
+    first = step(compiled(model, fewbit_fx.backend(mode="exact", strict=True)), x).bytes
+    second = step(compiled(model, fewbit_fx.backend(mode="exact", strict=True)), x).bytes  # cache hit
+    default = step(compiled(model, "inductor"), x).bytes
+    assert first == second < default
+
+
+def test_bad_backend_arguments():
+    with pytest.raises(ValueError, match="mode"):
+        fewbit_fx.backend(mode="fast")
+    with pytest.raises(ValueError, match="bits"):
+        fewbit_fx.backend(bits=9)
