@@ -30,7 +30,7 @@ import functools
 import math
 import struct
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -56,58 +56,88 @@ def _sigmoid_pair(a: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(pos, r, e * r), torch.where(pos, e * r, r)
 
 
-def _gelu(x: Tensor) -> tuple[Tensor, Tensor]:
-    cdf = 0.5 * torch.erfc(-x * _SQRT1_2)  # erfc keeps the left tail's relative accuracy
-    pdf = _INV_SQRT_2PI * torch.exp(-0.5 * x * x)
-    return x * cdf, cdf + x * pdf
+def _gelu(x: Tensor) -> Tensor:
+    return 0.5 * x * torch.erfc(-x * _SQRT1_2)  # erfc: relative accuracy in the left tail
 
 
-def _gelu_tanh(x: Tensor) -> tuple[Tensor, Tensor]:
+def _gelu_slope(x: Tensor) -> Tensor:
+    # erf, not erfc: same absolute accuracy, and Inductor's CPU erfc is 4x slower
+    return 0.5 + 0.5 * torch.erf(x * _SQRT1_2) + _INV_SQRT_2PI * x * torch.exp(-0.5 * x * x)
+
+
+def _tanh_gate(x: Tensor) -> tuple[Tensor, Tensor]:
     # 0.5 * (1 + tanh(z)) = sigmoid(2z): no cancellation when x << 0.
-    z = _K * (x + _C * x * x * x)
-    p, q = _sigmoid_pair(2.0 * z)
-    return x * p, p + 2.0 * _K * x * p * q * (1.0 + 3.0 * _C * x * x)
+    return _sigmoid_pair(2.0 * _K * (x + _C * x * x * x))
 
 
-def _silu(x: Tensor) -> tuple[Tensor, Tensor]:
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return x * _tanh_gate(x)[0]
+
+
+def _gelu_tanh_slope(x: Tensor) -> Tensor:
+    p, q = _tanh_gate(x)
+    return p + 2.0 * _K * x * p * q * (1.0 + 3.0 * _C * x * x)
+
+
+def _silu(x: Tensor) -> Tensor:
+    return x * _sigmoid_pair(x)[0]
+
+
+def _silu_slope(x: Tensor) -> Tensor:
     p, q = _sigmoid_pair(x)
-    return x * p, p * (1.0 + x * q)
+    return p * (1.0 + x * q)
 
 
-def _mish(x: Tensor) -> tuple[Tensor, Tensor]:
-    # tanh(softplus(x)) and 1 - tanh^2 as rational functions of e = exp(-|x|).
+def _mish_parts(x: Tensor) -> tuple[Tensor, Tensor]:
+    """tanh(softplus(x)) and its 1 - tanh^2, as rational functions of e = exp(-|x|)."""
     e = torch.exp(-x.abs())
     n = e * (e + 2.0)                   # x <= 0: tanh = n / (n + 2)
     d = 1.0 + 2.0 * e + 2.0 * e * e     # x > 0:  tanh = (1 + 2e) / d
     neg = x <= 0
     t = torch.where(neg, n / (n + 2.0), (1.0 + 2.0 * e) / d)
-    sech2 = torch.where(neg, 4.0 * (n + 1.0) / ((n + 2.0) * (n + 2.0)),
-                        4.0 * (e * (1.0 + e) / d) ** 2)
-    p, _ = _sigmoid_pair(x)
-    return x * t, t + x * sech2 * p
+    sech2 = torch.where(neg, 4.0 * (n + 1.0) / ((n + 2.0) * (n + 2.0)), 4.0 * (e * (1.0 + e) / d) ** 2)
+    return t, sech2
 
 
-def _tanhshrink(x: Tensor) -> tuple[Tensor, Tensor]:
-    t = torch.tanh(x)
+def _mish(x: Tensor) -> Tensor:
+    return x * _mish_parts(x)[0]
+
+
+def _mish_slope(x: Tensor) -> Tensor:
+    t, sech2 = _mish_parts(x)
+    return t + x * sech2 * _sigmoid_pair(x)[0]
+
+
+def _tanhshrink(x: Tensor) -> Tensor:
     x2 = x * x  # x - tanh(x) cancels for small x: use its series there
     series = x * x2 * (1 / 3 + x2 * (-2 / 15 + x2 * (17 / 315 + x2 * (-62 / 2835))))
-    return torch.where(x.abs() < 1e-2, series, x - t), t * t
+    return torch.where(x.abs() < 1e-2, series, x - torch.tanh(x))
 
 
-# name -> (formulas, x past which f(x) = x (+ const) and f'(x) = 1 to float64 precision)
-_FORMULAS: dict[str, tuple[Callable[[Tensor], tuple[Tensor, Tensor]], float]] = {
-    "gelu": (_gelu, 8.5),
-    "gelu_tanh": (_gelu_tanh, 8.0),
-    "silu": (_silu, 40.0),
-    "mish": (_mish, 20.0),
-    "tanhshrink": (_tanhshrink, 20.0),
+def _tanhshrink_slope(x: Tensor) -> Tensor:
+    return torch.tanh(x) ** 2
+
+
+class _Formulas(NamedTuple):
+    f: Callable[[Tensor], Tensor]
+    slope: Callable[[Tensor], Tensor]
+    x_end: float  # past it f(x) = x (+ const) and f'(x) = 1 to float64 precision
+
+
+_FORMULAS: dict[str, _Formulas] = {
+    "gelu": _Formulas(_gelu, _gelu_slope, 8.5),
+    "gelu_tanh": _Formulas(_gelu_tanh, _gelu_tanh_slope, 8.0),
+    "silu": _Formulas(_silu, _silu_slope, 40.0),
+    "mish": _Formulas(_mish, _mish_slope, 20.0),
+    "tanhshrink": _Formulas(_tanhshrink, _tanhshrink_slope, 20.0),
 }
 SUPPORTED: tuple[str, ...] = tuple(_FORMULAS)
 
 
 def value_and_derivative(act: Activation, x: Tensor) -> tuple[Tensor, Tensor]:
     """(f(x), f'(x)) from explicit formulas, in x's dtype."""
-    return _FORMULAS[act.name][0](x)
+    fm = _FORMULAS[act.name]
+    return fm.f(x), fm.slope(x)
 
 
 # --- tables -------------------------------------------------------------------------------
@@ -168,15 +198,14 @@ def _fit(xs_of_c: Callable[[Tensor], Tensor], c_end: float) -> Tensor:
 
 
 def _build(name: str) -> _Inverse:
-    formulas, x_end = _FORMULAS[name]
-    f = lambda x: formulas(x)[0]
+    f, slope, x_end = _FORMULAS[name]
     one = torch.ones((), dtype=torch.float64)
     if get(name).monotone:  # tanhshrink: odd, increasing; c = (3y)^(1/3) on y >= 0
         c_right = (3.0 * f(x_end * one).item()) ** (1 / 3)
         table = _fit(lambda c: bisect(f, c**3 / 3, 0 * one, 2 * x_end * one, one < 0), c_right)
         return _Inverse(None, 0.0, 0, 0.0, c_right, table)
     # The minimum to the last bit (f' = 0), tighter than the registry's ~1e-9 x_min.
-    x_min = bisect(lambda x: formulas(x)[1], 0 * one, -6 * one, 0 * one, one < 0).item()
+    x_min = bisect(slope, 0 * one, -6 * one, 0 * one, one < 0).item()
     y_min = f(x_min * one).item()
     c_right = math.sqrt((f(x_end * one).item() - y_min) / -y_min)
     c_left = math.sqrt(math.log(y_min / -_TINY))
@@ -243,7 +272,7 @@ def derivative_from_output(
     dt = torch.float64 if y.dtype == torch.float64 else torch.float32
     table = _table(act.name, dt, y)
     yc = y.to(dt)
-    formulas = _FORMULAS[act.name][0]
+    fm = _FORMULAS[act.name]
 
     if inv.x_min is None:  # tanhshrink: f odd, f' even, so solve f(x) = |y| for x >= 0
         yc = yc.abs()
@@ -266,10 +295,10 @@ def derivative_from_output(
     x = _clamp_branch(x, right, inv.x_min)
 
     if dt == torch.float64:  # one Newton step where f' is not ~0 (the table: ~5e-10)
-        fx, dfx = formulas(x)
-        step = torch.where(dfx.abs() > 1e-3, (fx - yc) / dfx, torch.zeros_like(x))
+        slope = fm.slope(x)
+        step = torch.where(slope.abs() > 1e-3, (fm.f(x) - yc) / slope, torch.zeros_like(x))
         x = _clamp_branch(x - step, right, inv.x_min)
-    return formulas(x)[1].to(y.dtype if dtype is None else dtype)
+    return fm.slope(x).to(y.dtype if dtype is None else dtype)
 
 
 def _clamp_branch(x: Tensor, right: Tensor | None, x_min: float | None) -> Tensor:
@@ -302,8 +331,7 @@ def floor_and_error(
 @functools.lru_cache(maxsize=2)
 def _reference(name: str, dtype: torch.dtype, n: int, seed: int):
     """Samples, rounded y, branch, exact f'(x) and the floor (the slow bisection part)."""
-    formulas = _FORMULAS[name][0]
-    f = lambda x: formulas(x)[0]
+    f, slope, _ = _FORMULAS[name]
     x_min = _INVERSES[name].x_min
     center = x_min if x_min is not None else 0.0
     gen = torch.Generator().manual_seed(seed)
@@ -323,9 +351,9 @@ def _reference(name: str, dtype: torch.dtype, n: int, seed: int):
         lo = torch.full_like(x, x_min).masked_fill(~right, -1e5)
         hi = torch.full_like(x, x_min).masked_fill(right, 1e5)
         decreasing = ~right
-    exact = formulas(x)[1]
+    exact = slope(x)
     x_star = bisect(f, y.double(), lo, hi, decreasing)
-    return x, y, right, exact, (formulas(x_star)[1] - exact).abs().max().item()
+    return x, y, right, exact, (slope(x_star) - exact).abs().max().item()
 
 
 __all__ = ["SUPPORTED", "bisect", "derivative_from_output", "floor_and_error", "value_and_derivative"]

@@ -130,3 +130,19 @@ def test_bad_backend_arguments():
         fewbit_fx.backend(mode="fast")
     with pytest.raises(ValueError, match="bits"):
         fewbit_fx.backend(bits=9)
+
+
+def test_bf16_autocast_saves_less_and_keeps_gradients_close():
+    torch.manual_seed(0)
+    x = torch.randn(16, 64)
+    model = MLP(nn.SiLU())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        default = step(compiled(model, "inductor"), x)
+        grads_default = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        be = fewbit_fx.backend(mode="exact", strict=True)
+        ours = step(compiled(model, be), x)
+    assert [p.decision.label for plan in be.plans for p in plan] == ["inverted"]
+    assert ours.bytes < default.bytes
+    for p, g in zip(model.parameters(), grads_default):
+        torch.testing.assert_close(p.grad, g, rtol=0.05, atol=2e-3)

@@ -34,7 +34,7 @@ def test_float32_within_twice_the_floor(name):
     assert r["error_far"] <= 5e-7, r
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", SUPPORTED)
 def test_half_within_the_floor_plus_output_rounding(name, dtype):
     act = get(name)
@@ -52,7 +52,7 @@ def test_float64(name):
     assert r["error"] <= 1e-8 and r["error_far"] <= 1e-13, r
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", SUPPORTED)
 def test_extreme_outputs_are_finite_and_right(name, dtype):
     act = get(name)

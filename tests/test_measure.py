@@ -126,7 +126,7 @@ def test_inverted_non_monotone_saves_y_and_a_mask(module, dtype, n):
 
 @pytest.mark.parametrize(
     "module",
-    [nn.Sigmoid(), nn.Tanh(), nn.ELU(0.7), nn.LeakyReLU(0.2), nn.ReLU(), nn.Softplus(2, 5), nn.Tanhshrink()],
+    [nn.Sigmoid(), nn.Tanh(), nn.ELU(0.7), nn.LeakyReLU(0.2), nn.ReLU(), nn.Softplus(2, 20), nn.Tanhshrink()],
     ids=lambda m: type(m).__name__,
 )
 def test_inverted_monotone_saves_only_y(module):
@@ -135,6 +135,14 @@ def test_inverted_monotone_saves_only_y(module):
     assert list(record.storages) == [y.untyped_storage().data_ptr()]
     assert record.bytes == 100 * 4
     assert any(t.data_ptr() == y2.data_ptr() for t in seen)
+
+
+def test_softplus_with_a_visible_jump_keeps_a_branch_bit():
+    """threshold=5: f jumps by log1p(e^-5)/beta at the threshold, so y alone cannot say
+    which side x was on; a 1-bit mask is kept (threshold=20 needs none, see above)."""
+    x = torch.randn(100, requires_grad=True)
+    record, y, seen, y2 = _record_inverted(nn.Softplus(2, 5), x)
+    assert record.bytes == 100 * 4 + math.ceil(100 / 8)
 
 
 # --- a block: the activation's output is shared with the next layer ------------------------------

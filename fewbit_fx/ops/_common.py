@@ -21,6 +21,13 @@ def compare_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def refuse_create_graph() -> None:
+    """Backward runs with grad mode on exactly when create_graph=True: refuse then, since
+    our backward is not differentiable (and a graph-less result would silently drop terms)."""
+    if torch.is_grad_enabled():
+        no_double_backward(None)
+
+
 def no_double_backward(ctx, *grads):
     raise RuntimeError(
         "fewbit_fx activations do not support double backward (create_graph=True through "

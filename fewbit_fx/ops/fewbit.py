@@ -9,7 +9,7 @@ from torch import Tensor
 from torch._inductor.decomposition import register_decomposition
 
 from fewbit_fx.activations import from_op_args
-from fewbit_fx.ops._common import check_input, compare_dtype, no_double_backward
+from fewbit_fx.ops._common import check_input, compare_dtype, no_double_backward, refuse_create_graph
 from fewbit_fx.packing import pack, unpack
 
 
@@ -60,6 +60,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _autograd_backward(ctx, grad_y, grad_packed):
+    refuse_create_graph()
     packed, levels = ctx.saved_tensors
     return fewbit_backward(grad_y.contiguous(), packed, levels, ctx.bits), None, None, None, None, None
 

@@ -10,7 +10,7 @@ from torch._inductor.decomposition import register_decomposition
 from fewbit_fx.activations import Activation, from_op_args
 # Imported eagerly: its tables are built on import, never while torch.compile traces.
 from fewbit_fx.inverse import derivative_from_output
-from fewbit_fx.ops._common import check_input, compare_dtype, no_double_backward
+from fewbit_fx.ops._common import check_input, compare_dtype, no_double_backward, refuse_create_graph
 from fewbit_fx.packing import pack, unpack
 
 
@@ -50,7 +50,7 @@ def grad_from_output(a: Activation, grad: Tensor, y: Tensor, right: Tensor | Non
         twin, scale = a.twin
         y = y.to(dt) * scale if scale != 1.0 else y
         a = twin
-    return (grad.to(dt) * derivative_from_output(a, y, right).to(dt)).to(grad.dtype)
+    return (grad.to(dt) * derivative_from_output(a, y, right, dtype=dt)).to(grad.dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -60,6 +60,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _autograd_backward(ctx, grad_y, grad_mask):
+    refuse_create_graph()
     y, mask = ctx.saved_tensors
     return inverted_backward(grad_y.contiguous(), y, mask, ctx.act, ctx.params), None, None
 

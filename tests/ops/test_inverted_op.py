@@ -154,9 +154,8 @@ def test_integer_input_is_a_type_error(dtype):
 def test_double_backward_is_refused(name):
     x = random_x(16).requires_grad_(True)
     y, _ = inverted_forward(x, name, [])
-    (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
-        g.sum().backward()
+        torch.autograd.grad(y.sum(), x, create_graph=True)
 
 
 @pytest.mark.parametrize("name, params", [("sigmoid", []), ("leaky_relu", [0.2]), ("hardswish", []), ("gelu", [])])
