@@ -179,15 +179,14 @@ def measure_step(model: nn.Module, args: tuple, kwargs: dict) -> int:
     return record.bytes
 
 
-def scalar_loss(output) -> torch.Tensor:
-    """A scalar from any model output (tensor, tuple, dict, HF ModelOutput): the sum of
-    its floating-point tensors, weighted so no gradient is trivially constant."""
-    tensors = []
+def float_tensors(output) -> list[torch.Tensor]:
+    """The floating-point tensors in any model output (tensor, tuple, dict, HF ModelOutput)."""
+    found: list[torch.Tensor] = []
 
     def collect(o):
         if isinstance(o, torch.Tensor):
             if o.is_floating_point():
-                tensors.append(o)
+                found.append(o)
         elif isinstance(o, dict) or hasattr(o, "to_tuple"):
             for v in (o.values() if isinstance(o, dict) else o.to_tuple()):
                 collect(v)
@@ -196,6 +195,13 @@ def scalar_loss(output) -> torch.Tensor:
                 collect(v)
 
     collect(output)
+    return found
+
+
+def scalar_loss(output) -> torch.Tensor:
+    """A scalar from any model output: the mean square of each floating-point tensor, summed
+    (squares, so no gradient is trivially constant)."""
+    tensors = float_tensors(output)
     if not tensors:
         raise ValueError("the model output holds no floating-point tensor to take a loss of")
     return sum((t.float() ** 2).mean() for t in tensors)

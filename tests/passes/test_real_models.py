@@ -22,7 +22,7 @@ import torch
 
 import fewbit_fx
 from fewbit_fx import models
-from fewbit_fx.api import scalar_loss
+from fewbit_fx.api import float_tensors, scalar_loss
 from fewbit_fx.nn import FewBit, Inverted
 
 HAS_HF = importlib.util.find_spec("transformers") is not None
@@ -72,22 +72,6 @@ def build(name, eval_mode=False):
     return model, args, kwargs
 
 
-def float_tensors(out) -> list[torch.Tensor]:
-    found = []
-
-    def collect(o):
-        if isinstance(o, torch.Tensor):
-            if o.is_floating_point():
-                found.append(o)
-        elif isinstance(o, dict) or hasattr(o, "to_tuple"):
-            for v in (o.values() if isinstance(o, dict) else o.to_tuple()):
-                collect(v)
-        elif isinstance(o, (list, tuple)):
-            for v in o:
-                collect(v)
-
-    collect(out)
-    return found
 
 
 def run(model, args, kwargs):
