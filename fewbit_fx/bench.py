@@ -320,7 +320,10 @@ def main(argv: list[str] | None = None) -> int:
         if res.returncode != 0:
             print(res.stdout[-2000:], res.stderr[-4000:], sep="\n")
         ran.append((name, what, status, took))
-    write_index(out, a.scale, ran)
+    done = {r[0] for r in ran}
+    kept = [(name, what, "kept from an earlier run", 0.0) for name, what, _, _ in _sections(a.scale, a.out)
+            if name not in done and all((out / f).exists() for f in _FILES[name])]
+    write_index(out, a.scale, ran + kept)
     return 0 if all(r[2] == "ok" for r in ran) else 1
 
 
@@ -335,7 +338,8 @@ def write_index(out: Path, scale: str, ran: list) -> None:
     """reports/README.md: what each file holds, how it was made, on what machine."""
     env = environment("cuda" if torch.cuda.is_available() else "cpu")
     rows = "\n".join(
-        f"| {name} | {what} | {', '.join(f'[{f}]({f})' for f in _FILES[name])} | {status}, {took:.0f} s |"
+        f"| {name} | {what} | {', '.join(f'[{f}]({f})' for f in _FILES[name])} | "
+        f"{status}{f', {took:.0f} s' if took else ''} |"
         for name, what, status, took in ran)
     text = f"""# fewbit-fx evidence
 

@@ -70,19 +70,12 @@ def cmd_demo(a) -> int:
     return 0
 
 
-def cmd_bench_ops(a) -> int:
-    from fewbit_fx import bench_ops
-
-    return bench_ops.main(a.rest)
-
-
-def cmd_bench(a) -> int:
-    from fewbit_fx import bench
-
-    return bench.main(a.rest)
-
-
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Commands with parsers of their own get their arguments untouched.
+    passthrough = {"bench": "fewbit_fx.bench", "bench-ops": "fewbit_fx.bench_ops"}
+    if argv and argv[0] in passthrough:
+        return importlib.import_module(passthrough[argv[0]]).main(argv[1:])
     p = argparse.ArgumentParser(prog="fewbit-fx", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     for name, fn, default_model in (("report", cmd_report, None), ("demo", cmd_demo, "gpt2")):
@@ -101,17 +94,11 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--compiled", action="store_true",
                            help="compare torch.compile's default with the fewbit backend")
         s.set_defaults(fn=fn)
-    s = sub.add_parser("bench-ops", help="micro-benchmark of the ops against plain activations")
-    s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(fn=cmd_bench_ops)
-    s = sub.add_parser("bench", help="regenerate reports/: memory and speed against baselines")
-    s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(fn=cmd_bench)
-    a, extra = p.parse_known_args(argv)
-    if extra and not hasattr(a, "rest"):
-        p.error(f"unrecognized arguments: {' '.join(extra)}")
-    if hasattr(a, "rest"):
-        a.rest = [r for r in a.rest if r != "--"] + extra
+    sub.add_parser("bench-ops", help="micro-benchmark of the ops against plain activations",
+                   add_help=False)
+    sub.add_parser("bench", help="regenerate reports/ (python -m fewbit_fx bench --help)",
+                   add_help=False)
+    a = p.parse_args(argv)
     return a.fn(a)
 
 

@@ -15,6 +15,7 @@ from torch import fx, nn
 from fewbit_fx.api import _inputs, scalar_loss
 from fewbit_fx.backend import plan_graph, rewrite_graph
 from fewbit_fx.measure import saved_bytes
+from fewbit_fx.passes import saves
 from fewbit_fx.passes.capture import innermost_module
 from fewbit_fx.report import Report, Row
 
@@ -54,12 +55,17 @@ def _module_path(node: fx.Node) -> str | None:
     return scope[0] if scope else None
 
 
-def _provenance(node: fx.Node) -> set[str]:
+def _provenance(node: fx.Node, depth: int = 4) -> set[str]:
+    """Dynamo node names a value came from. A value the partitioner or a decomposition made
+    (a permuted y, a view) has none of its own: it inherits its inputs'."""
     names, todo = set(), list(node.meta.get("from_node", []))
     while todo:
         src = todo.pop()
         names.add(src.name)
         todo.extend(getattr(src, "from_node", []) or [])
+    if not names and depth > 0:
+        for arg in node.all_input_nodes:
+            names |= _provenance(arg, depth - 1)
     return names
 
 
@@ -77,7 +83,8 @@ def compiled_report(model: nn.Module, *, example_inputs=None, example_kwargs=Non
 
     def fewbit_backend(gm, ex):
         planned = plan_graph(gm, mode, bits, overrides)
-        names = {p.site.name: {p.site.input.name, *(n.name for n in p.site.nodes)} for p in planned}
+        gs = saves.analyse_graph(gm.graph)
+        names = {p.site.name: _site_names(p.site, gs) for p in planned}
         before = {n.name for n in gm.graph.nodes}
         rewrite_graph(gm, planned)
         for p in planned:  # the rewrite's new nodes belong to the site they replaced
@@ -124,6 +131,14 @@ def _measure_compiled(model: nn.Module, backend, args: tuple, kwargs: dict) -> i
                       exclude=list(m.parameters()) + list(m.buffers()))
     rec.loss.backward()
     return rec.bytes
+
+
+def _site_names(site, gs) -> set[str]:
+    """The site's nodes, its input and output, and their views (same storage family)."""
+    names = {n.name for n in site.nodes}
+    for root in (gs.family[site.input], gs.family[site.output]):
+        names |= {m.name for m in gs.members(root)}
+    return names
 
 
 def _new_nodes_after(gm: fx.GraphModule, p, before: set[str]) -> set[str]:

@@ -146,3 +146,17 @@ def test_bf16_autocast_saves_less_and_keeps_gradients_close():
     assert ours.bytes < default.bytes
     for p, g in zip(model.parameters(), grads_default):
         torch.testing.assert_close(p.grad, g, rtol=0.05, atol=2e-3)
+
+
+def test_compiled_report_reads_per_site_bytes_from_the_partitioned_graphs():
+    torch.manual_seed(0)
+    x = torch.randn(32, 64)
+    model = MLP(nn.GELU())
+    rep = fewbit_fx.report(model, example_inputs=(x,), mode="exact", compiled=True)
+    (row,) = rep.rows
+    n = 32 * 256
+    assert row.variant == "inverted"
+    assert row.saved_before == 2 * n * 4        # default: pre-activation and y
+    assert row.saved_after == n * 4 + n // 8    # fewbit: y and a 1-bit mask
+    assert rep.measured_after == rep.measured_before - (row.saved_before - row.saved_after)
+    assert all(p.grad is None for p in model.parameters())  # the model itself was not run
