@@ -10,7 +10,8 @@ from torch import nn
 from fewbit_fx._state import preserved_state
 from fewbit_fx.measure import saved_bytes
 from fewbit_fx.packing import check_bits
-from fewbit_fx.passes import capture, decide, detect, rewrite, saves
+from fewbit_fx.passes import capture, decide, rewrite
+from fewbit_fx.passes.plan import plan_graphs
 from fewbit_fx.report import Report, Row
 
 
@@ -27,43 +28,7 @@ def plan(model: nn.Module, args: tuple, kwargs: dict, mode: str, bits: int,
     decide.check_mode(mode)
     check_bits(bits)
     cap = capture.capture(model, args, kwargs)
-    graph_saves = [saves.analyse_graph(gm.graph) for gm in cap.graphs]
-    sites = detect.find_sites(cap.graphs)
-    analysed = [(s, saves.analyse_site(s, graph_saves[s.graph_index])) for s in sites]
-    planned = [
-        rewrite.Planned(s, sv, decide.decide(s, sv, *decide.site_mode(s, mode, bits, overrides)))
-        for s, sv in analysed
-    ]
-    return Plan(_agree_per_key(planned), mode, bits)
-
-
-def _agree_per_key(planned: list[rewrite.Planned]) -> list[rewrite.Planned]:
-    """A module called at several sites gets one variant: the one with the least total."""
-    groups: dict[tuple, list[rewrite.Planned]] = {}
-    for p in planned:
-        groups.setdefault(p.site.rewrite_key, []).append(p)
-    out = []
-    for group in groups.values():
-        labels = {p.decision.label for p in group}
-        if len(labels) == 1:
-            out += group
-            continue
-        options = []
-        for p0 in group:
-            forced = _mode_for(p0.decision)
-            ds = [decide.decide(p.site, p.saves, *forced) for p in group]
-            options.append((sum(d.saved_after for d in ds), ds))
-        _, best = min(options, key=lambda o: o[0])
-        out += [rewrite.Planned(p.site, p.saves, d) for p, d in zip(group, best)]
-    return out
-
-
-def _mode_for(d: decide.Decision) -> tuple[str, int]:
-    if d.variant == "inverted":
-        return "exact", 3
-    if d.variant == "fewbit":
-        return "fewbit", d.bits
-    return "keep", 3
+    return Plan(plan_graphs(cap.graphs, mode, bits, overrides), mode, bits)
 
 
 def _inputs(example_inputs, example_kwargs) -> tuple[tuple, dict]:

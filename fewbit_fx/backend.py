@@ -24,7 +24,8 @@ from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from fewbit_fx.packing import check_bits
-from fewbit_fx.passes import decide, detect, saves
+from fewbit_fx.passes import decide
+from fewbit_fx.passes.plan import plan_graphs
 from fewbit_fx.passes.rewrite import Planned
 
 
@@ -104,12 +105,7 @@ def fewbit_backend(gm: fx.GraphModule, example_inputs):
 
 def plan_graph(gm: fx.GraphModule, mode: str, bits: int,
                overrides: dict[str, str] | None) -> list[Planned]:
-    gs = saves.analyse_graph(gm.graph)
-    planned = []
-    for site in detect.find_sites([gm]):
-        sv = saves.analyse_site(site, gs)
-        planned.append(Planned(site, sv, decide.decide(site, sv, *decide.site_mode(site, mode, bits, overrides))))
-    return planned
+    return plan_graphs([gm], mode, bits, overrides)
 
 
 def rewrite_graph(gm: fx.GraphModule, planned: list[Planned]) -> int:

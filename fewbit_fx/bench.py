@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 
 from fewbit_fx import models
-from fewbit_fx.api import scalar_loss
-from fewbit_fx.measure import saved_bytes
+from fewbit_fx.api import measure_step, scalar_loss
 
 SCALES = {"quick": ("tiny", 3), "full": ("small", 7)}  # model scale, timed repeats
 MODELS = ("gpt2", "bert", "llama", "vit")
@@ -37,14 +36,6 @@ def _step(model, args, kwargs):
     loss = scalar_loss(model(*args, **kwargs))
     loss.backward()
     return loss
-
-
-def _saved(model, args, kwargs) -> int:
-    rec = saved_bytes(lambda: scalar_loss(model(*args, **kwargs)),
-                      exclude=list(model.parameters()) + list(model.buffers()))
-    rec.loss.backward()
-    model.zero_grad(set_to_none=True)
-    return rec.bytes
 
 
 def _peak(model, args, kwargs, device: str) -> int:
@@ -125,7 +116,7 @@ def bench_model(name: str, scale: str, repeats: int, device: str) -> tuple[list,
             _step(m, args, kwargs)
         warm[mode] = time.perf_counter() - t
         m.zero_grad(set_to_none=True)
-    saved = {mode: _saved(m, args, kwargs) for _, mode, m in configs}
+    saved = {mode: measure_step(m, args, kwargs) for _, mode, m in configs}
     peak = {mode: _peak(m, args, kwargs, device) for _, mode, m in configs}
     times = {mode: [] for _, mode, _ in configs}
     for _ in range(repeats):  # interleaved

@@ -12,9 +12,8 @@ import copy
 import torch
 from torch import fx, nn
 
-from fewbit_fx.api import _inputs, scalar_loss
+from fewbit_fx.api import _inputs, measure_step, scalar_loss
 from fewbit_fx.backend import plan_graph, rewrite_graph
-from fewbit_fx.measure import saved_bytes
 from fewbit_fx.passes import saves
 from fewbit_fx.passes.capture import innermost_module
 from fewbit_fx.report import Report, Row
@@ -127,10 +126,7 @@ def _measure_compiled(model: nn.Module, backend, args: tuple, kwargs: dict) -> i
     m = copy.deepcopy(model)
     cm = torch.compile(m, backend=backend)
     scalar_loss(cm(*args, **kwargs)).backward()  # compile first: measure a warm step
-    rec = saved_bytes(lambda: scalar_loss(cm(*args, **kwargs)),
-                      exclude=list(m.parameters()) + list(m.buffers()))
-    rec.loss.backward()
-    return rec.bytes
+    return measure_step(cm, args, kwargs)
 
 
 def _site_names(site, gs) -> set[str]:

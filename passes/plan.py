@@ -1,0 +1,46 @@
+"""Plan: sites -> saves -> decisions for a list of captured graphs (eager capture or the
+compiler's graph), including one variant per module that several sites share."""
+from __future__ import annotations
+
+from torch import fx
+
+from fewbit_fx.passes import decide, detect, saves
+from fewbit_fx.passes.rewrite import Planned
+
+
+def plan_graphs(graphs: list[fx.GraphModule], mode: str, bits: int,
+                overrides: dict[str, str] | None) -> list[Planned]:
+    graph_saves = [saves.analyse_graph(gm.graph) for gm in graphs]
+    planned = []
+    for site in detect.find_sites(graphs):
+        sv = saves.analyse_site(site, graph_saves[site.graph_index])
+        planned.append(Planned(site, sv, decide.decide(site, sv, *decide.site_mode(site, mode, bits, overrides))))
+    return _agree_per_key(planned)
+
+
+def _agree_per_key(planned: list[Planned]) -> list[Planned]:
+    """A module called at several sites gets one variant: the one with the least total."""
+    groups: dict[tuple, list[Planned]] = {}
+    for p in planned:
+        groups.setdefault(p.site.rewrite_key, []).append(p)
+    out = []
+    for group in groups.values():
+        if len({p.decision.label for p in group}) == 1:
+            out += group
+            continue
+        options = []
+        for p0 in group:
+            forced = _mode_for(p0.decision)
+            ds = [decide.decide(p.site, p.saves, *forced) for p in group]
+            options.append((sum(d.saved_after for d in ds), ds))
+        _, best = min(options, key=lambda o: o[0])
+        out += [Planned(p.site, p.saves, d) for p, d in zip(group, best)]
+    return out
+
+
+def _mode_for(d: decide.Decision) -> tuple[str, int]:
+    if d.variant == "inverted":
+        return "exact", 3
+    if d.variant == "fewbit":
+        return "fewbit", d.bits
+    return "keep", 3
