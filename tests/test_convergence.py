@@ -1,0 +1,27 @@
+"""The convergence harness runs end to end on a few steps (the study itself is in reports/)."""
+import math
+
+from fewbit_fx import convergence
+
+
+def test_corpus_is_real_offline_text():
+    data = convergence.corpus(max_bytes=50_000)
+    assert data.numel() == 50_000 and data.max() < 256
+    assert b"def " in bytes(data.to(dtype=__import__("torch").uint8).tolist())
+
+
+def test_each_variant_trains_and_summaries_compare_to_exact():
+    cfg = dict(steps=3, seeds=1, layers=1, width=32, seq=16, batch=2)
+    data = convergence.corpus(max_bytes=20_000)
+    base = convergence.train("pretrain", "exact", 0, cfg, data[:18_000], data[18_000:])
+    state = base.pop("model").state_dict()
+    runs = [base, convergence.train("pretrain", "fewbit-3", 0, cfg, data[:18_000], data[18_000:])]
+    runs += [convergence.train("adapter", v, 0, cfg, data[:18_000], data[18_000:], state)
+             for v in ("exact", "fewbit-1")]
+    for r in runs:
+        r.pop("model", None)
+    assert all(math.isfinite(r["final_loss"]) and len(r["curve"]) == 3 for r in runs)
+    rows = convergence.summarize(runs)
+    exact = next(r for r in rows if r["task"] == "pretrain" and r["variant"] == "exact")
+    assert exact["relative_change"] == 0.0
+    assert {r["variant"] for r in rows if r["task"] == "adapter"} == {"exact", "fewbit-1"}
