@@ -22,22 +22,22 @@ def packed_nbytes(numel: int, bits: int) -> int:
 
 
 def pack(codes: Tensor, bits: int) -> Tensor:
-    """Pack integer codes in [0, 2**bits) into a flat uint8 tensor of ceil(n*bits/8) bytes."""
+    """Pack integer codes in [0, 2**bits) into a flat uint8 tensor of ceil(n*bits/8) bytes.
+
+    Byte k of a group of 8 codes is the OR of the few codes that overlap its 8 stream bits,
+    each shifted into place: pointwise work only (no reduction), which Inductor turns into
+    one vectorized kernel (a sum-based version ran ~100x slower compiled)."""
     check_bits(bits)
     n = codes.numel()
-    flat = codes.reshape(-1).to(torch.uint8)
     if bits == 8:
-        return flat
-    groups = -(-n // 8)  # 8 codes fill exactly `bits` bytes
-    flat = torch.nn.functional.pad(flat, (0, groups * 8 - n))
-    code_shifts = torch.arange(bits, device=codes.device, dtype=torch.uint8)
-    stream = (flat.view(groups, 8, 1) >> code_shifts) & 1  # (groups, 8 codes, bits)
-    byte_shifts = torch.arange(8, device=codes.device, dtype=torch.uint8)
-    stream = stream.reshape(groups, bits, 8) << byte_shifts  # regroup the bit stream by byte
-    packed = stream.sum(dim=-1, dtype=torch.uint8).reshape(-1)
+        return codes.reshape(-1).to(torch.uint8)
+    groups = -(-n // 8)
+    c = torch.nn.functional.pad(codes.reshape(-1).to(torch.int32), (0, groups * 8 - n)).view(groups, 8)
+    out = [_or([_shift(c[:, i], i * bits - 8 * k) for i in range(8)
+                if i * bits < 8 * k + 8 and (i + 1) * bits > 8 * k]) & 0xFF
+           for k in range(bits)]  # byte k: stream bits [8k, 8k + 8), codes that overlap it
+    packed = torch.stack(out, dim=1).to(torch.uint8).reshape(-1)
     nbytes = packed_nbytes(n, bits)
-    # The last group can hold up to bits - 1 bytes past the last code: copy rather than
-    # return a view, so that only ceil(n*bits/8) bytes stay alive for backward.
     return packed if packed.numel() == nbytes else packed[:nbytes].clone()
 
 
@@ -47,9 +47,19 @@ def unpack(packed: Tensor, bits: int, numel: int) -> Tensor:
     if bits == 8:
         return packed[:numel]
     groups = -(-numel // 8)
-    data = torch.nn.functional.pad(packed, (0, groups * bits - packed.numel()))
-    byte_shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
-    stream = (data.view(groups, bits, 1) >> byte_shifts) & 1  # (groups, bytes, 8 bits)
-    code_shifts = torch.arange(bits, device=packed.device, dtype=torch.uint8)
-    codes = stream.reshape(groups, 8, bits) << code_shifts
-    return codes.sum(dim=-1, dtype=torch.uint8).reshape(-1)[:numel]
+    d = torch.nn.functional.pad(packed, (0, groups * bits - packed.numel())).view(groups, bits).to(torch.int32)
+    out = [_or([_shift(d[:, k], 8 * k - i * bits) for k in range(bits)
+                if 8 * k < (i + 1) * bits and 8 * k + 8 > i * bits]) & ((1 << bits) - 1)
+           for i in range(8)]  # code i: stream bits [i*bits, (i+1)*bits), bytes that hold it
+    return torch.stack(out, dim=1).to(torch.uint8).reshape(-1)[:numel]
+
+
+def _shift(v: Tensor, s: int) -> Tensor:
+    return v << s if s >= 0 else v >> -s
+
+
+def _or(terms: list[Tensor]) -> Tensor:
+    out = terms[0]
+    for t in terms[1:]:
+        out = out | t
+    return out
