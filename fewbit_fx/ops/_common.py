@@ -34,3 +34,18 @@ def no_double_backward(ctx, *grads):
         "their backward); keep the original activation for layers that need higher-order "
         "gradients"
     )
+
+
+CHUNK = 1 << 16  # elements per eager chunk; a multiple of 8 so packed bytes split evenly
+
+
+def chunks(n: int):
+    """(start, end) element ranges. Eager implementations run their many small ops one
+    chunk at a time, so their temporaries stay a few hundred KiB instead of dozens of
+    full-size tensors (which would raise peak memory by more than the saved bytes)."""
+    return ((s, min(s + CHUNK, n)) for s in range(0, n, CHUNK))
+
+
+def chunkable(*tensors) -> bool:
+    """Chunk only long contiguous inputs; others take the whole-tensor path (same result)."""
+    return tensors[0].numel() > CHUNK and all(t.is_contiguous() for t in tensors)

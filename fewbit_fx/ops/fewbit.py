@@ -9,8 +9,10 @@ from torch import Tensor
 from torch._inductor.decomposition import register_decomposition
 
 from fewbit_fx.activations import from_op_args
-from fewbit_fx.ops._common import check_input, compare_dtype, no_double_backward, refuse_create_graph
-from fewbit_fx.packing import pack, unpack
+from fewbit_fx.ops._common import (
+    check_input, chunkable, chunks, compare_dtype, no_double_backward, refuse_create_graph,
+)
+from fewbit_fx.packing import pack, packed_nbytes, unpack
 
 
 @torch.library.custom_op("fewbit_fx::fewbit_forward", mutates_args=())
@@ -18,7 +20,15 @@ def fewbit_forward(
     x: Tensor, act: str, params: list[float], borders: Tensor, levels: Tensor, bits: int
 ) -> tuple[Tensor, Tensor]:
     """(f(x), packed codes). `levels` is unused here; it is an input so autograd saves it."""
-    return _forward(x, act, params, borders, bits)
+    if not chunkable(x):
+        return _forward(x, act, params, borders, bits)
+    check_input(x, "FewBit")
+    dt = compare_dtype(x.dtype)
+    flat, b = x.view(-1), borders.to(dt)
+    packed = x.new_empty(packed_nbytes(x.numel(), bits), dtype=torch.uint8)
+    for s, e in chunks(flat.numel()):
+        packed[s * bits // 8:(e * bits + 7) // 8] = pack(torch.bucketize(flat[s:e].to(dt), b), bits)
+    return from_op_args(act, params).forward(x), packed
 
 
 def _forward(x, act, params, borders, bits, search=torch.bucketize):
@@ -44,7 +54,12 @@ def _binary_search(x: Tensor, borders: Tensor) -> Tensor:
 @torch.library.custom_op("fewbit_fx::fewbit_backward", mutates_args=())
 def fewbit_backward(grad: Tensor, packed: Tensor, levels: Tensor, bits: int) -> Tensor:
     """grad * levels[code], in grad's dtype (multiplied in at least fp32)."""
-    return _backward(grad, packed, levels, bits)
+    if not chunkable(grad):
+        return _backward(grad, packed, levels, bits)
+    g, out = grad.view(-1), torch.empty_like(grad)
+    for s, e in chunks(g.numel()):
+        out.view(-1)[s:e] = _backward(g[s:e], packed[s * bits // 8:(e * bits + 7) // 8], levels, bits)
+    return out
 
 
 def _backward(grad, packed, levels, bits):

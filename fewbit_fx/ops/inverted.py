@@ -10,14 +10,23 @@ from torch._inductor.decomposition import register_decomposition
 from fewbit_fx.activations import Activation, from_op_args
 # Imported eagerly: its tables are built on import, never while torch.compile traces.
 from fewbit_fx.inverse import derivative_from_output
-from fewbit_fx.ops._common import check_input, compare_dtype, no_double_backward, refuse_create_graph
-from fewbit_fx.packing import pack, unpack
+from fewbit_fx.ops._common import (
+    check_input, chunkable, chunks, compare_dtype, no_double_backward, refuse_create_graph,
+)
+from fewbit_fx.packing import pack, packed_nbytes, unpack
 
 
 @torch.library.custom_op("fewbit_fx::inverted_forward", mutates_args=())
 def inverted_forward(x: Tensor, act: str, params: list[float]) -> tuple[Tensor, Tensor]:
     """(f(x), packed 1-bit mask x > branch point); empty when y alone tells the branch."""
-    return _forward(x, act, params)
+    a = from_op_args(act, params)
+    if not (a.needs_mask and chunkable(x)):
+        return _forward(x, act, params)
+    check_input(x, "Inverted")
+    flat, mask = x.view(-1), x.new_empty(packed_nbytes(x.numel(), 1), dtype=torch.uint8)
+    for s, e in chunks(flat.numel()):
+        mask[s // 8:(e + 7) // 8] = pack(flat[s:e].to(compare_dtype(x.dtype)) > a.branch_point, 1)
+    return a.forward(x), mask
 
 
 def _forward(x, act, params):
@@ -32,7 +41,14 @@ def _forward(x, act, params):
 @torch.library.custom_op("fewbit_fx::inverted_backward", mutates_args=())
 def inverted_backward(grad: Tensor, y: Tensor, mask: Tensor, act: str, params: list[float]) -> Tensor:
     """grad * f'(x), with x recovered from y (and the branch mask)."""
-    return _backward(grad, y, mask, act, params)
+    if not chunkable(grad, y):
+        return _backward(grad, y, mask, act, params)
+    g, yf, out = grad.view(-1), y.view(-1), torch.empty_like(grad)
+    masked = mask.numel() > 0
+    for s, e in chunks(g.numel()):
+        m = mask[s // 8:(e + 7) // 8] if masked else mask
+        out.view(-1)[s:e] = _backward(g[s:e], yf[s:e], m, act, params)
+    return out
 
 
 def _backward(grad, y, mask, act, params):
