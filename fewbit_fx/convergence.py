@@ -120,8 +120,13 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=sorted(SCALES), default="quick")
     p.add_argument("--out", default="reports")
+    p.add_argument("--summarize-only", action="store_true",
+                   help="rebuild the tables, plot and summary rows from OUT/convergence_runs.json")
     a = p.parse_args(argv)
     cfg = SCALES[a.scale]
+    if a.summarize_only:
+        runs = json.loads((Path(a.out) / "convergence_runs.json").read_text())
+        return _write(Path(a.out), runs, a.scale, cfg, None)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = corpus()
     a80, a90 = int(0.8 * data.numel()), int(0.9 * data.numel())
@@ -142,17 +147,22 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(run)
                 print(f"{task} {variant} seed {seed}: final {runs[-1]['final_loss']:.4f} "
                       f"held-out {runs[-1]['held_out_loss']:.4f} ({time.perf_counter() - t:.0f} s)", flush=True)
-    rows = summarize(runs)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "convergence_runs.json").write_text(json.dumps(runs))
+    return _write(out, runs, a.scale, cfg, int(data.numel()))
+
+
+def _write(out: Path, runs: list[dict], scale: str, cfg: dict, corpus_bytes: int | None) -> int:
+    """Summary rows into summary.json (other sections' keys kept), markdown and plot."""
+    rows = summarize(runs)
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary["convergence"] = rows
-    summary["convergence_setup"] = {"scale": a.scale, **cfg, "data": "Python stdlib .py sources, bytes",
-                                    "corpus_bytes": int(data.numel())}
+    summary["convergence_setup"] = {"scale": scale, **cfg, "data": "Python stdlib .py sources, bytes",
+                                    "corpus_bytes": corpus_bytes}
     summary_path.write_text(json.dumps(summary, indent=2))
-    (out / "convergence_runs.json").write_text(json.dumps(runs))
-    write_markdown(out, rows, a.scale, cfg)
+    write_markdown(out, rows, scale, cfg)
     plot(out, runs)
     return 0
 
