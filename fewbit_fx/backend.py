@@ -61,7 +61,7 @@ def backend(mode: str = "auto", bits: int = 3, overrides: dict[str, str] | None 
         fewbit.plans.append(planned)
         return compiled
 
-    fewbit.plans = []  # filled per graph; read by report(compiled=True) and tests
+    fewbit.plans = []  # one list of Planned per compiled graph, for inspection and tests
     return fewbit
 
 
