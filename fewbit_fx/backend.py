@@ -12,17 +12,14 @@ cache can never return an un-rewritten or stale graph.
 from __future__ import annotations
 
 import copy
-import functools
 import operator
 import warnings
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import fx
 
-from torch._inductor.custom_graph_pass import CustomGraphPass
-
+from fewbit_fx.cache_key import with_cache_key
 from fewbit_fx.packing import check_bits
 from fewbit_fx.passes import decide
 from fewbit_fx.passes.plan import plan_graphs
@@ -39,7 +36,7 @@ def backend(mode: str = "auto", bits: int = 3, overrides: dict[str, str] | None 
     """
     decide.check_mode(mode)
     check_bits(bits)
-    patches = _with_cache_key(dict(inductor_options))
+    patches = with_cache_key(dict(inductor_options))
 
     def fewbit(gm: fx.GraphModule, example_inputs):
         from torch._inductor.compile_fx import compile_fx
@@ -63,39 +60,6 @@ def backend(mode: str = "auto", bits: int = 3, overrides: dict[str, str] | None 
 
     fewbit.plans = []  # one list of Planned per compiled graph, for inspection and tests
     return fewbit
-
-
-class _ImplementationKey(CustomGraphPass):
-    """A no-op post-grad pass whose uuid hashes the code that decides what our ops lower to
-    (decompositions, packing, inverse, tables). Inductor and AOTAutograd put it in their
-    cache keys, so a warm cache never serves kernels built from an older implementation.
-    A pass the user configured still runs, and its uuid joins ours."""
-
-    def __init__(self, user_pass=None):
-        self.user_pass = user_pass
-
-    def __call__(self, graph: fx.Graph) -> None:
-        if self.user_pass is not None:
-            self.user_pass(graph)
-
-    def uuid(self):
-        user = self.user_pass.uuid() if hasattr(self.user_pass, "uuid") else None
-        return (_implementation_hash(), user)
-
-
-@functools.lru_cache(maxsize=None)
-def _implementation_hash() -> str:
-    from torch._inductor.custom_graph_pass import get_hash_for_files
-
-    root = Path(__file__).parent
-    files = sorted(str(p) for p in [*root.glob("ops/*.py"), root / "packing.py",
-                                    root / "inverse.py", root / "activations.py", root / "tables.py"])
-    return get_hash_for_files(tuple(files)).hex()
-
-
-def _with_cache_key(options: dict) -> dict:
-    options["post_grad_custom_post_pass"] = _ImplementationKey(options.get("post_grad_custom_post_pass"))
-    return options
 
 
 def fewbit_backend(gm: fx.GraphModule, example_inputs):

@@ -113,9 +113,9 @@ def compiled_report(model: nn.Module, *, example_inputs=None, example_kwargs=Non
 
 
 def _no_cache(partitioner) -> dict:
-    from fewbit_fx.backend import _with_cache_key
+    from fewbit_fx.cache_key import with_cache_key
 
-    return _with_cache_key({"custom_partitioner_fn": partitioner, "fx_graph_cache": False})
+    return with_cache_key({"custom_partitioner_fn": partitioner, "fx_graph_cache": False})
 
 
 def _measure_compiled(model: nn.Module, backend, args: tuple, kwargs: dict) -> int:

@@ -4,9 +4,9 @@ Inverted activations (Novikov & Oseledets 2024) save y instead of x; backward ne
 For gelu, gelu_tanh, silu, mish and tanhshrink, x is recovered numerically. Non-monotone
 ones also get the 1-bit branch mask right = (x > x_min).
 
-Method. x is tabulated once, in float64, as a function of a coordinate c in which it is
-smooth on the whole branch, then read back with a piecewise quartic (one row of 5
-coefficients per interval of width 1/16 in c):
+Method. x and f'(x) are tabulated once, in float64, as functions of a coordinate c in
+which they are smooth on the whole branch, then read back with a piecewise quartic (one
+row of 5 coefficients per interval of width 1/16 in c):
 
 * right branch:  c = sqrt((y - y_min) / |y_min|)   (x is analytic in c at the minimum;
   past the table's end x = y to float64 precision)
@@ -14,12 +14,12 @@ coefficients per interval of width 1/16 in c):
   and still well spread in the tail where y -> 0-, down to |y| = 1e-38)
 * tanhshrink:    c = (3|y|)^(1/3)                   (y ~ x^3/3 at the inflection; odd)
 
-The table is accurate to ~5e-10 in x, far below float32 resolution, so float32 takes no
-Newton step: one would only add its own rounding noise (the residual f(x) - y cancels to
-~1e-8, and near the minimum that is divided by f' ~ 0). Measured: 3-4x worse far from the
-minimum, and up to 0.7 wrong at it unless guarded. y - y_min is computed exactly (y_min
-split into hi + lo, Sterbenz), so float32 reaches the rounding floor of y. Float64 gets
-one Newton step wherever |f'| > 1e-3.
+Both tables are accurate to ~1e-9, far below float32 resolution. Float32 (and half, which
+computes in float32) reads f' straight from its table: no x, no erf/exp, and no Newton
+step, which would only add its own rounding noise (the residual f(x) - y cancels to ~1e-8,
+and near the minimum that is divided by f' ~ 0). y - y_min is computed exactly (y_min
+split into hi + lo, Sterbenz), so float32 reaches the rounding floor of y. Float64 reads
+x, takes one Newton step wherever |f'| > 1e-3, and evaluates f'(x): near float64's floor.
 
 Everything is plain aten ops with no data-dependent Python control flow: torch.compile
 fuses it into one kernel (the table is a small constant tensor read by indexing).
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import math
-import struct
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -171,30 +170,34 @@ def bisect(f: Callable[[Tensor], Tensor], y: Tensor, lo: Tensor, hi: Tensor, dec
 
 @dataclass(frozen=True)
 class _Inverse:
-    """Per-activation constants and the float64 coefficient table (left rows, then right)."""
+    """Per-activation constants and the float64 coefficient tables (left rows, then right)."""
 
     x_min: float | None
     y_min: float
+    y_min_hi32: float  # y_min rounded to float32: y - hi is exact near y_min (Sterbenz)
     n_left: int
     c_left: float      # table end of the left coordinate
     c_right: float     # table end of the right (or tanhshrink) coordinate
-    table: Tensor      # (rows, 5) float64: x = sum_k row[k] s^k, s in [0, 1), c = (row + s) / 16
+    x_table: Tensor    # (rows, 5) float64: x = sum_k row[k] s^k, s in [0, 1), c = (row + s) / 16
+    slope_table: Tensor  # the same for f'(x)
 
 
-def _fit(xs_of_c: Callable[[Tensor], Tensor], c_end: float) -> Tensor:
-    """Polynomial per interval, interpolating x at the interval's Chebyshev points.
-
-    One extra constant row, x(c_end), serves c = c_end should it round onto a row edge.
-    """
+def _fit(x_of_c: Callable[[Tensor], Tensor], slope, c_end: float) -> tuple[Tensor, Tensor]:
+    """Polynomials per interval for x and for f'(x), interpolating at the interval's
+    Chebyshev points. One extra constant row, the value at c_end, serves c = c_end should
+    it round onto a row edge (and every c past the end, which is clamped to it)."""
     n = math.ceil(c_end / _STEP)
     k = torch.arange(_DEGREE + 1, dtype=torch.float64)
     s = 0.5 - 0.5 * torch.cos(math.pi * (k + 0.5) / (_DEGREE + 1))
     c = (torch.arange(n, dtype=torch.float64)[:, None] + s) * _STEP
-    x = xs_of_c(c.flatten()).view(n, _DEGREE + 1)
-    rows = torch.linalg.solve(s[:, None] ** k, x.T).T
-    end = torch.zeros(1, _DEGREE + 1, dtype=torch.float64)
-    end[0, 0] = xs_of_c(torch.tensor([c_end], dtype=torch.float64))[0]
-    return torch.cat([rows, end])
+    x = x_of_c(torch.cat([c.flatten(), torch.tensor([c_end], dtype=torch.float64)]))
+    tables = []
+    for v in (x, slope(x)):
+        rows = torch.linalg.solve(s[:, None] ** k, v[:-1].view(n, _DEGREE + 1).T).T
+        end = torch.zeros(1, _DEGREE + 1, dtype=torch.float64)
+        end[0, 0] = v[-1]
+        tables.append(torch.cat([rows, end]))
+    return tables[0], tables[1]
 
 
 def _build(name: str) -> _Inverse:
@@ -202,58 +205,61 @@ def _build(name: str) -> _Inverse:
     one = torch.ones((), dtype=torch.float64)
     if get(name).monotone:  # tanhshrink: odd, increasing; c = (3y)^(1/3) on y >= 0
         c_right = (3.0 * f(x_end * one).item()) ** (1 / 3)
-        table = _fit(lambda c: bisect(f, c**3 / 3, 0 * one, 2 * x_end * one, one < 0), c_right)
-        return _Inverse(None, 0.0, 0, 0.0, c_right, table)
+        xt, st = _fit(lambda c: bisect(f, c**3 / 3, 0 * one, 2 * x_end * one, one < 0), slope, c_right)
+        return _Inverse(None, 0.0, 0.0, 0, 0.0, c_right, xt, st)
     # The minimum to the last bit (f' = 0), tighter than the registry's ~1e-9 x_min.
     x_min = bisect(slope, 0 * one, -6 * one, 0 * one, one < 0).item()
     y_min = f(x_min * one).item()
     c_right = math.sqrt((f(x_end * one).item() - y_min) / -y_min)
     c_left = math.sqrt(math.log(y_min / -_TINY))
-    right = _fit(lambda c: bisect(f, y_min - y_min * c * c, x_min * one, 2 * x_end * one, one < 0), c_right)
-    left = _fit(lambda c: bisect(f, y_min * torch.exp(-c * c), -1e4 * one, x_min * one, one > 0), c_left)
-    return _Inverse(x_min, y_min, len(left), c_left, c_right, torch.cat([left, right]))
+    right = _fit(lambda c: bisect(f, y_min - y_min * c * c, x_min * one, 2 * x_end * one, one < 0),
+                 slope, c_right)
+    left = _fit(lambda c: bisect(f, y_min * torch.exp(-c * c), -1e4 * one, x_min * one, one > 0),
+                slope, c_left)
+    y_min_hi32 = torch.tensor(y_min, dtype=torch.float32).item()
+    return _Inverse(x_min, y_min, y_min_hi32, len(left[0]), c_left, c_right,
+                    torch.cat([left[0], right[0]]), torch.cat([left[1], right[1]]))
 
 
 # Built at import (~0.2 s for all five) so that tracing only ever reads them.
 _INVERSES: dict[str, _Inverse] = {name: _build(name) for name in SUPPORTED}
-_TABLES: dict[tuple[str, torch.dtype], Tensor] = {
-    (name, dt): inv.table.to(dt) for name, inv in _INVERSES.items() for dt in (torch.float32, torch.float64)
+_COLUMNS: dict[tuple[str, str], list[list[float]]] = {
+    (name, kind): getattr(inv, kind).T.tolist()
+    for name, inv in _INVERSES.items() for kind in ("x_table", "slope_table")
 }
-_ROWS: dict[str, list[list[float]]] = {name: inv.table.tolist() for name, inv in _INVERSES.items()}
+_CACHED: dict[tuple[str, str, torch.dtype], tuple[Tensor, ...]] = {
+    (name, kind, dt): tuple(torch.tensor(col, dtype=dt) for col in cols)
+    for (name, kind), cols in _COLUMNS.items() for dt in (torch.float32, torch.float64)
+}
 
 
-def _table(name: str, dtype: torch.dtype, y: Tensor) -> Tensor:
-    """The coefficient table as the current tracer can use it.
+def _table(name: str, kind: str, dtype: torch.dtype, y: Tensor) -> tuple[Tensor, ...]:
+    """The coefficient table, one tensor per power of s (a column gathers faster than a
+    row under Inductor), as the current tracer can use it.
 
-    Eager and Dynamo take the cached tensor (Dynamo lifts it as a constant; its values would
-    cost ~1e3 guards). Under fake or functional tensors (a custom op's fake, make_fx, AOT
-    dispatch) a real tensor may not mix in, so the table is made afresh there, as a constant.
+    Eager and Dynamo take the cached tensors (Dynamo lifts them as constants; their values
+    would cost ~1e3 guards). Under fake or functional tensors (a custom op's fake, make_fx,
+    AOT dispatch) a real tensor may not mix in, so the table is made afresh there.
     """
     if torch.compiler.is_dynamo_compiling() or (
         type(y) is torch.Tensor and torch._C._len_torch_dispatch_stack() == 0
     ):
-        return _TABLES[name, dtype].to(y.device)
-    return torch.tensor(_ROWS[name], dtype=dtype, device=y.device)
+        return tuple(t.to(y.device) for t in _CACHED[name, kind, dtype])
+    return tuple(torch.tensor(col, dtype=dtype, device=y.device) for col in _COLUMNS[name, kind])
 
 
 # --- the fast path --------------------------------------------------------------------------
-def _horner(table: Tensor, c: Tensor, first) -> Tensor:
+def _horner(columns: tuple[Tensor, ...], c: Tensor, first) -> Tensor:
     """The piecewise polynomial at c >= 0 in the table part starting at row `first`."""
     t = c * (1.0 / _STEP)
     i = torch.floor(t)
     s = t - i
-    # The clamp only matters for NaN y (its index is garbage; x and f' come out NaN).
-    row = table[torch.clamp(i.long() + first, 0, len(table) - 1)]
-    x = row[..., _DEGREE]
+    # The clamp only matters for NaN y (its index is garbage; the result comes out NaN).
+    row = torch.clamp(i.int() + first, 0, len(columns[0]) - 1)
+    v = columns[_DEGREE][row]
     for k in range(_DEGREE - 1, -1, -1):
-        x = x * s + row[..., k]
-    return x
-
-
-def _split(v: float, dtype: torch.dtype) -> tuple[float, float]:
-    """v = hi + lo with hi exact in dtype: y - hi is exact near v (Sterbenz)."""
-    hi = v if dtype == torch.float64 else struct.unpack("f", struct.pack("f", v))[0]
-    return hi, v - hi
+        v = v * s + columns[k][row]
+    return v
 
 
 def derivative_from_output(
@@ -269,36 +275,42 @@ def derivative_from_output(
     if act.name not in _INVERSES:
         raise TypeError(f"no numerical inverse for {act}; supported: {', '.join(SUPPORTED)}")
     inv = _INVERSES[act.name]
-    dt = torch.float64 if y.dtype == torch.float64 else torch.float32
-    table = _table(act.name, dt, y)
+    if inv.x_min is not None and right is None:
+        raise ValueError(f"{act} is not monotone: pass right = (x > x_min)")
+    wide = y.dtype == torch.float64
+    dt = torch.float64 if wide else torch.float32
     yc = y.to(dt)
+    c, first, tail = _coordinate(inv, yc, right, dt)
+    out_dtype = y.dtype if dtype is None else dtype
+    if not wide:  # f' straight from its table; past the right end f' = 1
+        d = _horner(_table(act.name, "slope_table", dt, y), c, first)
+        return torch.where(tail, 1.0, d).to(out_dtype)
+
     fm = _FORMULAS[act.name]
-
-    if inv.x_min is None:  # tanhshrink: f odd, f' even, so solve f(x) = |y| for x >= 0
+    if inv.x_min is None:  # tanhshrink: x >= 0 solves f(x) = |y|; past the end f(x) = x - 1
         yc = yc.abs()
-        c = torch.clamp(3.0 * yc, max=inv.c_right**3) ** (1.0 / 3.0)
-        x = torch.where(3.0 * yc >= inv.c_right**3, yc + 1.0, _horner(table, c, 0))  # f(x) = x - 1
-    else:
-        if right is None:
-            raise ValueError(f"{act} is not monotone: pass right = (x > x_min)")
-        y_hi, y_lo = _split(inv.y_min, dt)
-        scale = -1.0 / inv.y_min
-        r = torch.clamp(((yc - y_hi) - y_lo) * scale, min=0.0)  # (y - y_min) / |y_min|
-        c_r = torch.sqrt(torch.clamp(r, max=inv.c_right**2))
-        # -log(y / y_min): log1p of the exact r near the minimum, log of the ratio in the tail
-        q = torch.clamp(yc * -scale, min=_TINY / -inv.y_min, max=1.0)
-        ell = torch.where(r < 0.5, -torch.log1p(-torch.clamp(r, max=0.5)), -torch.log(q))
-        c_l = torch.sqrt(torch.clamp(ell, min=0.0, max=inv.c_left**2))
-        # one table read per element: left rows first, then right rows
-        x = _horner(table, torch.where(right, c_r, c_l), torch.where(right, inv.n_left, 0))
-        x = torch.where(right & (r >= inv.c_right**2), yc, x)  # right tail: f(x) = x
+    x = _horner(_table(act.name, "x_table", dt, y), c, first)
+    x = torch.where(tail, yc + (1.0 if inv.x_min is None else 0.0), x)
     x = _clamp_branch(x, right, inv.x_min)
+    slope = fm.slope(x)  # one Newton step where f' is not ~0 (the table: ~5e-10)
+    step = torch.where(slope.abs() > 1e-3, (fm.f(x) - yc) / slope, torch.zeros_like(x))
+    return fm.slope(_clamp_branch(x - step, right, inv.x_min)).to(out_dtype)
 
-    if dt == torch.float64:  # one Newton step where f' is not ~0 (the table: ~5e-10)
-        slope = fm.slope(x)
-        step = torch.where(slope.abs() > 1e-3, (fm.f(x) - yc) / slope, torch.zeros_like(x))
-        x = _clamp_branch(x - step, right, inv.x_min)
-    return fm.slope(x).to(y.dtype if dtype is None else dtype)
+
+def _coordinate(inv: _Inverse, yc: Tensor, right: Tensor | None, dt: torch.dtype):
+    """(c, first table row of the branch, past the right table end) for each y."""
+    if inv.x_min is None:  # tanhshrink: f odd, f' even, so solve f(x) = |y| for x >= 0
+        a = 3.0 * yc.abs()
+        return torch.clamp(a, max=inv.c_right**3) ** (1.0 / 3.0), 0, a >= inv.c_right**3
+    y_hi = inv.y_min if dt == torch.float64 else inv.y_min_hi32
+    scale = -1.0 / inv.y_min
+    r = torch.clamp(((yc - y_hi) - (inv.y_min - y_hi)) * scale, min=0.0)  # (y - y_min) / |y_min|
+    # -log(y / y_min) = -log1p(-r): r exact near the minimum; in the tail y / y_min - 1
+    # keeps y's relative precision down to where f' is far below any rounding.
+    q = torch.clamp(yc * -scale, min=_TINY / -inv.y_min, max=1.0)
+    ell = -torch.log1p(torch.where(r < 0.5, -r, q - 1.0))
+    u = torch.where(right, torch.clamp(r, max=inv.c_right**2), torch.clamp(ell, min=0.0, max=inv.c_left**2))
+    return torch.sqrt(u), torch.where(right, inv.n_left, 0), right & (r >= inv.c_right**2)
 
 
 def _clamp_branch(x: Tensor, right: Tensor | None, x_min: float | None) -> Tensor:

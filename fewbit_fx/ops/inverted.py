@@ -53,7 +53,7 @@ def inverted_backward(grad: Tensor, y: Tensor, mask: Tensor, act: str, params: l
 
 def _backward(grad, y, mask, act, params):
     a = from_op_args(act, params)
-    right = unpack(mask, 1, y.numel()).view(y.shape).bool() if a.needs_mask else None
+    right = (unpack(mask, 1, y.numel()).view(y.shape) != 0) if a.needs_mask else None
     return grad_from_output(a, grad, y, right)
 
 
