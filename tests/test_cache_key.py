@@ -1,4 +1,6 @@
 """fewbit_fx.cache_key: plain torch.compile keys its caches on our implementation."""
+import uuid
+
 import torch
 from torch._dynamo.utils import counters
 
@@ -26,8 +28,10 @@ def test_a_changed_implementation_misses_the_warm_cache(monkeypatch):
         _compile_inverted_gelu(x)
         assert counters["inductor"]["fxgraph_cache_hit"] >= 1
         assert counters["inductor"]["fxgraph_cache_miss"] == 0
-        # The same graph, but our decompositions "changed": Inductor must compile afresh.
-        monkeypatch.setattr(cache_key, "implementation_hash", lambda: "a different version")
+        # The same graph, but our decompositions "changed" (to a version never seen
+        # before, so not in the disk cache either): Inductor must compile afresh.
+        version = uuid.uuid4().hex
+        monkeypatch.setattr(cache_key, "implementation_hash", lambda: version)
         counters.clear()
         _compile_inverted_gelu(x)
         assert counters["inductor"]["fxgraph_cache_miss"] >= 1

@@ -9,6 +9,7 @@ from torch import Tensor
 from torch._inductor.decomposition import register_decomposition
 
 from fewbit_fx.activations import from_op_args
+from fewbit_fx.kernels import cpu as cpu_kernels
 from fewbit_fx.ops._common import (
     check_input, chunkable, chunks, compare_dtype, no_double_backward, refuse_create_graph,
 )
@@ -20,6 +21,11 @@ def fewbit_forward(
     x: Tensor, act: str, params: list[float], borders: Tensor, levels: Tensor, bits: int
 ) -> tuple[Tensor, Tensor]:
     """(f(x), packed codes). `levels` is unused here; it is an input so autograd saves it."""
+    if cpu_kernels.usable(x):
+        check_input(x, "FewBit")
+        packed = cpu_kernels.fewbit_codes(x, act, params, borders, levels, bits)
+        if packed is not None:
+            return from_op_args(act, params).forward(x), packed
     if not chunkable(x):
         return _forward(x, act, params, borders, bits)
     check_input(x, "FewBit")
@@ -54,6 +60,10 @@ def _binary_search(x: Tensor, borders: Tensor) -> Tensor:
 @torch.library.custom_op("fewbit_fx::fewbit_backward", mutates_args=())
 def fewbit_backward(grad: Tensor, packed: Tensor, levels: Tensor, bits: int) -> Tensor:
     """grad * levels[code], in grad's dtype (multiplied in at least fp32)."""
+    if cpu_kernels.usable(grad):
+        out = cpu_kernels.fewbit_backward(grad, packed, levels, bits)
+        if out is not None:
+            return out
     if not chunkable(grad):
         return _backward(grad, packed, levels, bits)
     g, out = grad.view(-1), torch.empty_like(grad)

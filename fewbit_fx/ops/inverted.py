@@ -10,6 +10,7 @@ from torch._inductor.decomposition import register_decomposition
 from fewbit_fx.activations import Activation, from_op_args
 # Imported eagerly: its tables are built on import, never while torch.compile traces.
 from fewbit_fx.inverse import derivative_from_output
+from fewbit_fx.kernels import cpu as cpu_kernels
 from fewbit_fx.ops._common import (
     check_input, chunkable, chunks, compare_dtype, no_double_backward, refuse_create_graph,
 )
@@ -20,6 +21,11 @@ from fewbit_fx.packing import pack, packed_nbytes, unpack
 def inverted_forward(x: Tensor, act: str, params: list[float]) -> tuple[Tensor, Tensor]:
     """(f(x), packed 1-bit mask x > branch point); empty when y alone tells the branch."""
     a = from_op_args(act, params)
+    if a.needs_mask and cpu_kernels.usable(x):
+        check_input(x, "Inverted")
+        mask = cpu_kernels.inverted_mask(x, act, params)
+        if mask is not None:
+            return a.forward(x), mask
     if not (a.needs_mask and chunkable(x)):
         return _forward(x, act, params)
     check_input(x, "Inverted")
@@ -41,6 +47,10 @@ def _forward(x, act, params):
 @torch.library.custom_op("fewbit_fx::inverted_backward", mutates_args=())
 def inverted_backward(grad: Tensor, y: Tensor, mask: Tensor, act: str, params: list[float]) -> Tensor:
     """grad * f'(x), with x recovered from y (and the branch mask)."""
+    if cpu_kernels.usable(grad) and not from_op_args(act, params).exact_from_output:
+        out = cpu_kernels.inverted_backward(grad, y, mask, act, params)
+        if out is not None:
+            return out
     if not chunkable(grad, y):
         return _backward(grad, y, mask, act, params)
     g, yf, out = grad.view(-1), y.view(-1), torch.empty_like(grad)
