@@ -102,7 +102,8 @@ def variants(name: str, model, args, kwargs):
     return out
 
 
-def bench_model(name: str, scale: str, repeats: int, device: str) -> tuple[list, list]:
+def bench_model(name: str, scale: str, repeats: int, device: str,
+                parts: tuple[str, ...] = ("memory", "speed")) -> tuple[list, list]:
     torch.manual_seed(0)
     model, args, kwargs = models.build(name, scale)
     model.to(device)
@@ -116,8 +117,20 @@ def bench_model(name: str, scale: str, repeats: int, device: str) -> tuple[list,
             _step(m, args, kwargs)
         warm[mode] = time.perf_counter() - t
         m.zero_grad(set_to_none=True)
-    saved = {mode: measure_step(m, args, kwargs) for _, mode, m in configs}
-    peak = {mode: _peak(m, args, kwargs, device) for _, mode, m in configs}
+    memory, speed = [], []
+    if "memory" in parts:
+        saved = {mode: measure_step(m, args, kwargs) for _, mode, m in configs}
+        peak = {mode: _peak(m, args, kwargs, device) for _, mode, m in configs}
+        memory = [{"model": name, "baseline": base, "mode": mode,
+                   "saved_bytes_before": saved[base], "saved_bytes_after": saved[mode],
+                   "peak_bytes_before": peak[base], "peak_bytes_after": peak[mode]}
+                  for base, mode, _ in configs if mode not in ("eager", "compile")]
+    if "speed" in parts:
+        speed = _speed(name, configs, args, kwargs, repeats, device, warm)
+    return memory, speed
+
+
+def _speed(name, configs, args, kwargs, repeats: int, device: str, warm: dict) -> list[dict]:
     times = {mode: [] for _, mode, _ in configs}
     for _ in range(repeats):  # interleaved
         for _, mode, m in configs:
@@ -129,19 +142,12 @@ def bench_model(name: str, scale: str, repeats: int, device: str) -> tuple[list,
                 torch.cuda.synchronize()
             times[mode].append(time.perf_counter() - t)
             m.zero_grad(set_to_none=True)
-    memory, speed = [], []
-    for base, mode, _ in configs:
-        if mode in ("eager", "compile"):
-            continue
-        memory.append({"model": name, "baseline": base, "mode": mode,
-                       "saved_bytes_before": saved[base], "saved_bytes_after": saved[mode],
-                       "peak_bytes_before": peak[base], "peak_bytes_after": peak[mode]})
-        speed.append({"model": name, "baseline": base, "mode": mode, "device": device,
-                      "step_s_before": statistics.median(times[base]),
-                      "step_s_after": statistics.median(times[mode]),
-                      "ratio": statistics.median(times[mode]) / statistics.median(times[base]),
-                      "first_call_s_before": warm[base], "first_call_s_after": warm[mode]})
-    return memory, speed
+    return [{"model": name, "baseline": base, "mode": mode, "device": device,
+             "step_s_before": statistics.median(times[base]),
+             "step_s_after": statistics.median(times[mode]),
+             "ratio": statistics.median(times[mode]) / statistics.median(times[base]),
+             "first_call_s_before": warm[base], "first_call_s_after": warm[mode]}
+            for base, mode, _ in configs if mode not in ("eager", "compile")]
 
 
 def environment(device: str) -> dict:
@@ -164,8 +170,11 @@ def write_reports(out: Path, summary: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "summary.json"
     merged = json.loads(path.read_text()) if path.exists() else {}  # keep other sections' rows
-    merged.update(summary)
+    merged.update({k: v for k, v in summary.items() if v or k not in ("memory", "speed")})
+    for part in ("memory", "speed"):
+        merged.setdefault(part, [])
     path.write_text(json.dumps(merged, indent=2))
+    summary = merged  # the memory and speed parts run in separate processes
     mib = lambda b: f"{b / 2**20:.2f}"
     pct = lambda a, b: f"{100 * (a - b) / b:+.1f}%" if b else "n/a"
     mem = tabulate(
@@ -209,8 +218,10 @@ tensor is smaller than that threshold (tiny scale). The saved bytes are exact.
 ## Speed
 
 Median step time over {summary['repeats']} interleaved repeats after a warm-up step, in one
-process; "first call" includes compilation (for the eager `optimize` rows it is a plain
-step, the analysis ran before). Timing on a shared 2-core machine is noisy.
+process (not the memory section's: its allocator setting costs page faults); "first call"
+includes compilation (for the eager `optimize` rows: the analysis ran before, but the
+first use of each compiled CPU kernel builds it, unless Inductor's disk cache has it).
+Timing on a shared 2-core machine is noisy.
 
 {spd}
 """
@@ -224,13 +235,14 @@ def memory_and_speed(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="*", default=list(MODELS))
     p.add_argument("--out", default="reports")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--parts", nargs="+", choices=["memory", "speed"], default=["memory", "speed"])
     a = p.parse_args(argv)
     model_scale, repeats = SCALES[a.scale]
     summary = {"scale": a.scale, "model_scale": model_scale, "repeats": repeats,
                "environment": environment(a.device), "memory": [], "speed": []}
     for name in a.models:
         t = time.perf_counter()
-        memory, speed = bench_model(name, model_scale, repeats, a.device)
+        memory, speed = bench_model(name, model_scale, repeats, a.device, tuple(a.parts))
         summary["memory"] += memory
         summary["speed"] += speed
         print(f"{name}: done in {time.perf_counter() - t:.0f} s", flush=True)
@@ -245,8 +257,10 @@ def _sections(scale: str, out: str) -> list[tuple[str, str, list[str], str | Non
     quick = scale == "quick"
     model_scale = SCALES[scale][0]
     return [
-        ("memory", "memory and speed vs eager, optimize, checkpointing, compile, budget 0.9",
-         py + ["-m", "fewbit_fx.bench", "memory", "--scale", scale, "--out", out], None),
+        ("memory", "saved bytes and peak memory vs eager, optimize, checkpointing, compile, budget 0.9",
+         py + ["-m", "fewbit_fx.bench", "memory", "--scale", scale, "--out", out, "--parts", "memory"], None),
+        ("speed", "step time, the same configurations (without the allocator setting of memory)",
+         py + ["-m", "fewbit_fx.bench", "memory", "--scale", scale, "--out", out, "--parts", "speed"], None),
         ("tables", "few-bit table error per activation and bits, and fitting time",
          py + [str(_SCRIPTS / "time_tables.py")], "tables.txt"),
         ("tables-plot", "plot of few-bit derivative error against bits",
@@ -261,6 +275,11 @@ def _sections(scale: str, out: str) -> list[tuple[str, str, list[str], str | Non
          + (["--no-plan-timing"] if quick else []), None),
         ("compiled", "per-site saved bytes under torch.compile default vs the fewbit backend",
          py + ["-m", "fewbit_fx.bench", "compiled", "--scale", model_scale, "--out", out], None),
+        ("compile-time", "compile time of the fewbit backend vs torch.compile default, cold caches",
+         py + ["-m", "fewbit_fx.bench", "compile-time", "--scale", model_scale, "--out", out]
+         + (["--repeats", "1", "--models", "gpt2", "bert"] if quick else []), None),
+        ("anchors", "published figures (few-bit, inverted activations) next to ours, base-size models",
+         py + ["-m", "fewbit_fx.bench", "anchors", "--out", out], None),
         ("convergence", "training loss per variant (exact, inverted, few-bit 1-4), 3 seeds, "
          "byte-level GPT on Python's stdlib sources; adapter fine-tune with frozen base",
          py + ["-m", "fewbit_fx.convergence", "--scale", scale, "--out", out], None),
@@ -325,7 +344,10 @@ def table_error_plot(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Regenerate reports/: every section, each in its own process, then the index."""
     argv = list(argv or [])
-    sub = {"memory": memory_and_speed, "compiled": compiled_sites, "tables-plot": table_error_plot}
+    from fewbit_fx import bench_anchors, bench_compile_time
+
+    sub = {"memory": memory_and_speed, "compiled": compiled_sites, "tables-plot": table_error_plot,
+           "compile-time": bench_compile_time.main, "anchors": bench_anchors.main}
     if argv and argv[0] in sub:
         return sub[argv[0]](argv[1:])
     p = argparse.ArgumentParser(prog="fewbit-fx bench", description=__doc__)
@@ -343,7 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         # A fixed mmap threshold makes glibc return every tensor-sized block to the OS when
         # it is freed, so the process's peak RSS follows live tensor memory (glibc's dynamic
         # threshold otherwise climbs to 32 MiB and keeps freed tensors resident).
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        # Only for the memory section: an mmap per large tensor costs page faults, which
+        # slowed steps with many temporaries (GPT-2's formula GELU) by up to 1.4x.
+        peaks = name in ("memory", "anchors")
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if peaks else None
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         took = time.perf_counter() - t
         if stdout_file:
@@ -363,10 +388,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _FILES = {
-    "memory": ["benchmarks.md", "summary.json"], "tables": ["tables.txt"],
+    "memory": ["benchmarks.md", "summary.json"], "speed": ["benchmarks.md", "summary.json"],
+    "tables": ["tables.txt"],
     "tables-plot": ["fewbit_error.png"],
     "inverse": ["inverse_floor.txt"], "ops": ["ops.txt", "ops.json"],
     "real-models": ["real_models.md", "real_models.json"], "compiled": ["compiled.md"],
+    "compile-time": ["compile_time.md"], "anchors": ["anchors.md"],
     "convergence": ["convergence.md", "convergence.png", "convergence_runs.json"],
 }
 
@@ -406,12 +433,13 @@ How things are measured:
   machine is a shared 2-core CPU box: treat ratios within ~10% as noise.
 - **Gradient fidelity**: `tables.txt` (few-bit relative RMSE of f' under N(0,1), per bits),
   `inverse_floor.txt` (inverted f' error against the floor of an exact float64 inverse of the
-  rounded output, per dtype), and `real_models.*` (exact-mode gradient checks are in
-  tests/passes/test_real_models.py).
+  rounded output, per dtype), and `real_models.*` (relative error of all parameter
+  gradients of one step against the unchanged model, per model and mode).
 
 Not measured yet: GPU figures (no GPU was available to the sessions that made these).
-The convergence section at `--scale quick` trains for only a few hundred steps; the issue's
-"several thousand steps" is `--scale full` (about an hour on this 2-core machine).
+The convergence section at `--scale quick` trains for only 150 steps; `--scale full` trains
+3000 steps per run (33 runs in parallel worker processes, about 25 minutes on this 2-core
+machine). `python -m fewbit_fx.convergence --scale full` refreshes it alone.
 """
     (out / "README.md").write_text(text)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from typing import Callable
@@ -179,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     cuda = device.type == "cuda"
     if not cuda:
         torch.set_num_threads(a.threads)
-    kernels = "torch ops"
+    kernels = ("Inductor-compiled C++ kernels (fewbit_fx.kernels.cpu) at 64K+ elements"
+               if os.environ.get("FEWBIT_FX_CPU_KERNELS", "1") != "0" else "torch ops")
     if cuda:
         from fewbit_fx.kernels import register_cuda_kernels
 

@@ -25,7 +25,7 @@ import torch
 
 import fewbit_fx
 from fewbit_fx import models
-from fewbit_fx.api import plan
+from fewbit_fx.api import plan, scalar_loss
 
 MODES = ("auto", "exact", "fewbit")
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,14 +60,29 @@ def run_model(name: str, scale: str, bits: int) -> list[dict]:
             "measured_change_pct": (None if not rep.measured_before else
                                     100.0 * (rep.measured_after - rep.measured_before) / rep.measured_before),
             "report_seconds": round(seconds, 2),
+            "gradient_relative_error": gradient_error(name, scale, mode, bits),
             "rows": rep.to_dict()["rows"],
         }
         out.append(entry)
         print(f"{name:15s} {mode:6s} sites {entry['sites']:3d} rewritten {entry['rewritten']:3d} "
               f"estimate {mib(rep.total_before)} -> {mib(rep.total_after)} MiB, measured "
               f"{mib(rep.measured_before)} -> {mib(rep.measured_after)} MiB "
-              f"({pct(rep.measured_after, rep.measured_before)}) [{seconds:.1f} s]", flush=True)
+              f"({pct(rep.measured_after, rep.measured_before)}), grad rel err "
+              f"{entry['gradient_relative_error']:.2e} [{seconds:.1f} s]", flush=True)
     return out
+
+
+def gradient_error(name: str, scale: str, mode: str, bits: int) -> float:
+    """||g - g_exact|| / ||g_exact|| over all parameter gradients of one training step:
+    the optimized model against the unchanged one (same weights and inputs, float32)."""
+    grads = []
+    for optimize in (False, True):
+        model, args, kwargs = models.build(name, scale)
+        if optimize:
+            fewbit_fx.optimize(model, example_inputs=args, example_kwargs=kwargs, mode=mode, bits=bits)
+        scalar_loss(model(*args, **kwargs)).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    return ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
 
 
 def time_plan(name: str = "gpt2", scale: str = "base", repeats: int = 2) -> dict:
@@ -114,16 +129,20 @@ def write_markdown(path: Path, entries: list[dict], timing: dict | None, meta: d
         "backward in one real training step of the whole model (parameters excluded), "
         "original vs rewritten copy. MiB.",
         "",
+        "Gradient error: the relative L2 error of all parameter gradients of one training "
+        "step, rewritten vs original model (same weights and inputs, float32): inverted is "
+        "exact up to float32 rounding, few-bit is an approximation.",
+        "",
         "| model | mode | sites | rewritten | estimated before | estimated after "
-        "| measured before | measured after | measured change |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| measured before | measured after | measured change | gradient error |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for e in entries:
         lines.append(
             f"| {e['model']} | {e['mode']} | {e['sites']} | {e['rewritten']} "
             f"| {mib(e['estimated_before'])} | {mib(e['estimated_after'])} "
             f"| {mib(e['measured_before'])} | {mib(e['measured_after'])} "
-            f"| {pct(e['measured_after'], e['measured_before'])} |"
+            f"| {pct(e['measured_after'], e['measured_before'])} | {e['gradient_relative_error']:.1e} |"
         )
     lines += ["", "Decisions per model and mode (number of sites per variant):", ""]
     for e in entries:

@@ -25,3 +25,23 @@ def test_each_variant_trains_and_summaries_compare_to_exact():
     exact = next(r for r in rows if r["task"] == "pretrain" and r["variant"] == "exact")
     assert exact["relative_change"] == 0.0
     assert {r["variant"] for r in rows if r["task"] == "adapter"} == {"exact", "fewbit-1"}
+
+
+def test_main_runs_every_job_in_worker_processes_and_keeps_each_run(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setitem(convergence.SCALES, "quick", dict(steps=2, seeds=1, layers=1, width=32, seq=16, batch=2))
+    assert convergence.main(["--scale", "quick", "--out", str(tmp_path), "--workers", "2"]) == 0
+    runs = json.loads((tmp_path / "convergence_runs.json").read_text())
+    jobs = [(r["task"], r["variant"]) for r in runs]
+    assert len(jobs) == 11 and jobs[0] == ("pretrain", "exact")  # in job order
+    assert ("adapter", "fewbit-1") in jobs and ("adapter", "inverted") not in jobs
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {r["variant"] for r in summary["convergence"]} >= {"exact", "inverted", "fewbit-3"}
+
+
+def test_outliers_name_runs_that_diverged_from_exact():
+    runs = [{"task": "adapter", "variant": "exact", "seed": 0, "final_loss": 1.8},
+            {"task": "adapter", "variant": "fewbit-3", "seed": 0, "final_loss": 3.6},
+            {"task": "adapter", "variant": "fewbit-2", "seed": 0, "final_loss": 1.82}]
+    assert convergence.outliers(runs) == ["adapter fewbit-3 seed 0: 3.600 vs exact 1.800"]

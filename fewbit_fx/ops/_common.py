@@ -40,9 +40,10 @@ CHUNK = 1 << 16  # elements per eager chunk; a multiple of 8 so packed bytes spl
 
 
 def chunks(n: int):
-    """(start, end) element ranges. Eager implementations run their many small ops one
-    chunk at a time, so their temporaries stay a few hundred KiB instead of dozens of
-    full-size tensors (which would raise peak memory by more than the saved bytes)."""
+    """(start, end) element ranges. Eager torch-op implementations (where no compiled CPU
+    kernel runs, fewbit_fx.kernels.cpu) run their many small ops one chunk at a time, so
+    their temporaries stay a few hundred KiB instead of dozens of full-size tensors (which
+    would raise peak memory by more than the saved bytes)."""
     return ((s, min(s + CHUNK, n)) for s in range(0, n, CHUNK))
 
 
