@@ -279,14 +279,16 @@ def _sections(scale: str, out: str) -> list[tuple[str, str, list[str], str | Non
          py + ["-m", "fewbit_fx.bench", "compile-time", "--scale", model_scale, "--out", out]
          + (["--repeats", "1", "--models", "gpt2", "bert"] if quick else []), None),
         ("anchors", "published figures (few-bit, inverted activations) next to ours, base-size models",
-         py + ["-m", "fewbit_fx.bench", "anchors", "--out", out], None),
+         py + ["-m", "fewbit_fx.bench", "anchors", "--out", out]
+         + (["--readme", str(_ROOT / "README.md")] if Path(out).resolve() == _ROOT / "reports" else []), None),
         ("convergence", "training loss per variant (exact, inverted, few-bit 1-4), 3 seeds, "
          "byte-level GPT on Python's stdlib sources; adapter fine-tune with frozen base",
          py + ["-m", "fewbit_fx.convergence", "--scale", scale, "--out", out], None),
     ]
 
 
-_SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+_ROOT = Path(__file__).resolve().parent.parent  # the repository, for an editable install
+_SCRIPTS = _ROOT / "scripts"
 
 
 def compiled_sites(argv: list[str] | None = None) -> int:
@@ -440,6 +442,10 @@ Not measured yet: GPU figures (no GPU was available to the sessions that made th
 The convergence section at `--scale quick` trains for only 150 steps; `--scale full` trains
 3000 steps per run (33 runs in parallel worker processes, about 25 minutes on this 2-core
 machine). `python -m fewbit_fx.convergence --scale full` refreshes it alone.
+`convergence_adapter_lr0.003/` repeats the adapter task at learning rate 3e-3 (`python -m
+fewbit_fx.convergence --scale full --tasks adapter --adapter-lr 0.003 --out
+reports/convergence_adapter_lr0.003`), to tell divergence at 1e-2 from a learning-rate
+effect.
 """
     (out / "README.md").write_text(text)
 

@@ -30,3 +30,11 @@ def test_only_the_memory_sections_get_the_allocator_setting():
     memory = next(s for s in bench._sections("quick", "reports") if s[0] == "memory")
     speed = next(s for s in bench._sections("quick", "reports") if s[0] == "speed")
     assert memory[2][-2:] == ["--parts", "memory"] and speed[2][-2:] == ["--parts", "speed"]
+
+
+def test_only_the_repository_reports_update_the_readme(tmp_path):
+    def anchors(out):
+        return next(s for s in bench._sections("quick", out) if s[0] == "anchors")[2]
+
+    assert "--readme" not in anchors(str(tmp_path))
+    assert "--readme" in anchors(str(bench._ROOT / "reports"))

@@ -37,8 +37,11 @@ def test_a_changed_implementation_misses_the_warm_cache(monkeypatch):
         assert counters["inductor"]["fxgraph_cache_miss"] >= 1
 
 
-def test_a_pass_the_user_set_is_left_alone(monkeypatch):
+def test_a_pass_the_user_set_is_left_alone():
     mine = object()
-    monkeypatch.setattr(torch._inductor.config, "post_grad_custom_post_pass", mine)
-    cache_key.install()
-    assert torch._inductor.config.post_grad_custom_post_pass is mine
+    # config.patch, not monkeypatch: pytest >= 9.2 restores module attributes with delattr,
+    # which hides a torch config entry for good.
+    with torch._inductor.config.patch(post_grad_custom_post_pass=mine):
+        cache_key.install()
+        assert torch._inductor.config.post_grad_custom_post_pass is mine
+    assert isinstance(torch._inductor.config.post_grad_custom_post_pass, cache_key.ImplementationKey)
