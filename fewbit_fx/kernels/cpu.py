@@ -10,8 +10,9 @@ dynamic, so other sizes reuse it), and cached on disk by Inductor across process
 Forward outputs y stay torch's own (bitwise equal to the plain module): only the codes or
 the mask come from the compiled kernel, and Inductor drops the y it would have computed.
 
-Short tensors, other devices, FEWBIT_FX_CPU_KERNELS=0, and any failure to compile (for
-example no C++ compiler: one warning, then never again) use the torch-op path.
+Short tensors, other devices, FEWBIT_FX_CPU_KERNELS=0, and any kernel that fails to
+compile (for example with no C++ compiler: the first failure warns, and a failed kernel is
+not tried again) use the torch-op path.
 """
 from __future__ import annotations
 
