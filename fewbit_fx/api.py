@@ -7,8 +7,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fewbit_fx import calibration
 from fewbit_fx._state import preserved_state
 from fewbit_fx.measure import saved_bytes
+from fewbit_fx.nn import REFIT_EVERY, REFIT_INTERVAL_CAP, FewBit
 from fewbit_fx.packing import check_bits
 from fewbit_fx.passes import capture, decide, rewrite
 from fewbit_fx.passes.plan import plan_graphs
@@ -44,29 +46,42 @@ def _inputs(example_inputs, example_kwargs) -> tuple[tuple, dict]:
 
 
 def optimize(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode: str = "auto",
-             bits: int = 3, overrides: dict[str, str] | None = None) -> nn.Module:
+             bits: int = 3, overrides: dict[str, str] | None = None,
+             tables: str = "fitted") -> nn.Module:
     """Rewrite the model's activations in place and return it.
 
     With example inputs the analysis runs now; without, on the first call (the first
     call's own inputs are used). mode: "auto" (inverted where a consumer keeps the output,
     few-bit elsewhere), "exact" (inverted only), "fewbit" (few-bit everywhere). `bits` is
     the few-bit default; `overrides` maps module-path patterns (fnmatch) to "auto",
-    "exact", "fewbit", "fewbit-<b>" or "keep".
+    "exact", "fewbit", "fewbit-<b>" or "keep". `tables`: "fitted" fits each few-bit
+    table to the inputs that site sees on the example inputs (one extra no-grad forward)
+    and refits it to its inputs during eager training (FewBit.schedule_refits); "normal"
+    uses the tables fitted for N(0, 1) inputs.
     """
     decide.check_mode(mode)
     check_bits(bits)
+    calibration.check_tables(tables)
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize takes a torch.nn.Module, got {type(model).__name__}")
     if example_inputs is None and example_kwargs is None:
-        return _optimize_on_first_call(model, mode, bits, overrides)
+        return _optimize_on_first_call(model, mode, bits, overrides, tables)
     args, kwargs = _inputs(example_inputs, example_kwargs)
     p = plan(model, args, kwargs, mode, bits, overrides)
-    failures = rewrite.apply(model, p.planned)
-    model._fewbit_report = _report_from(p, failures)  # noqa: SLF001 - read by report()
+    applied = rewrite.apply(model, p.planned)
+    fits = _calibrate(model, applied, args, kwargs, tables)
+    model._fewbit_report = _report_from(p, applied.failures, fits, tables)  # noqa: SLF001 - read by report()
     return model
 
 
-def _optimize_on_first_call(model, mode, bits, overrides):
+def _calibrate(model, applied: rewrite.Applied, args, kwargs, tables: str) -> dict:
+    if tables != "fitted":
+        return {}
+    fewbit = {k: m for k, m in applied.modules.items() if isinstance(m, FewBit)}
+    return calibration.calibrate(model, fewbit, args, kwargs) if fewbit else {}
+
+
+def _optimize_on_first_call(model, mode, bits, overrides, tables):
     """Analyse on the first call, with its own inputs. The instance's forward is replaced
     (not a pre-hook: torch looks up forward before pre-hooks run, and the rewrite may
     replace the root's own forward), then restored before the rewrite."""
@@ -78,7 +93,7 @@ def _optimize_on_first_call(model, mode, bits, overrides):
         else:
             model.forward = previous
         optimize(model, example_inputs=tuple(args), example_kwargs=kwargs, mode=mode,
-                 bits=bits, overrides=overrides)
+                 bits=bits, overrides=overrides, tables=tables)
         return model.forward(*args, **kwargs)
 
     model.forward = analyse_then_run
@@ -87,15 +102,17 @@ def _optimize_on_first_call(model, mode, bits, overrides):
 
 def report(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode: str = "auto",
            bits: int = 3, overrides: dict[str, str] | None = None, measure: bool = True,
-           compiled: bool = False) -> Report:
+           compiled: bool = False, tables: str = "fitted") -> Report:
     """Dry run: what optimize() would do, per site, without touching the model.
 
     With `measure`, one real forward/backward of the original and of a rewritten copy
     gives the measured saved bytes (parameters excluded); gradients are not accumulated
     into the model and buffers and RNG are restored. With `compiled`, the rows compare
     torch.compile's default with the fewbit backend, read from the partitioned graphs
-    (copies of the model are compiled; the model itself is untouched).
+    (copies of the model are compiled; the model itself is untouched; the backend's
+    tables are the N(0, 1) ones). `tables` as in optimize().
     """
+    calibration.check_tables(tables)
     if compiled:
         from fewbit_fx.compiled_report import compiled_report
 
@@ -111,25 +128,43 @@ def report(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode: 
     args, kwargs = _inputs(example_inputs, example_kwargs)
     p = plan(model, args, kwargs, mode, bits, overrides)
     rewritten = copy.deepcopy(model)
-    failures = rewrite.apply(rewritten, p.planned)
-    rep = _report_from(p, failures)
+    applied = rewrite.apply(rewritten, p.planned)
+    rep = _report_from(p, applied.failures, _calibrate(rewritten, applied, args, kwargs, tables), tables)
     if measure:
         rep.measured_before = measure_step(model, args, kwargs)
         rep.measured_after = measure_step(rewritten, args, kwargs)
     return rep
 
 
-def _report_from(p: Plan, failures: dict[tuple, str]) -> Report:
+def _report_from(p: Plan, failures: dict[tuple, str], fits: dict, tables: str) -> Report:
     rows = []
     for item in p.planned:
         s, d, before = item.site, item.decision, item.saves.saved_before
         variant, after, reason = d.label, d.saved_after, d.reason
         if s.rewrite_key in failures and d.variant != "kept":
             variant, after, reason = "kept", before, f"not rewritten: {failures[s.rewrite_key]}"
+        elif s.rewrite_key in fits:
+            reason = f"{reason}; {fits[s.rewrite_key].describe()}"
         v = capture.example_value(s.output)
         rows.append(Row(s.name, str(s.activation), variant, reason, tuple(v.shape),
                         str(v.dtype).replace("torch.", ""), before, after))
-    return Report(rows, p.mode, p.bits)
+    return Report(rows, p.mode, p.bits, notes=_table_notes(p, fits, tables))
+
+
+def _table_notes(p: Plan, fits: dict, tables: str) -> list[str]:
+    if not any(item.decision.variant == "fewbit" for item in p.planned):
+        return []
+    if tables == "normal":
+        return ["few-bit tables: fitted for N(0, 1) inputs (tables='normal')"]
+    done = [f for f in fits.values() if f.fitted]
+    if not done:
+        return ["few-bit tables: N(0, 1) (too few inputs observed to fit)"] if fits else []
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return [f"few-bit tables: fitted to the example inputs at {len(done)} of {len(fits)} sites; "
+            f"mean f' error on those inputs {mean([f.error_fitted for f in done]):.3f} "
+            f"(N(0,1) tables: {mean([f.error_normal for f in done]):.3f}); refitted to the "
+            f"training inputs after {REFIT_EVERY} training calls, then at doubling intervals "
+            f"up to {REFIT_INTERVAL_CAP * REFIT_EVERY} (eager)"]
 
 
 def measure_step(model: nn.Module, args: tuple, kwargs: dict) -> int:

@@ -164,6 +164,12 @@ def environment(device: str) -> dict:
     return env
 
 
+def _drop_ratio(row: dict) -> str:
+    saved = row["saved_bytes_before"] - row["saved_bytes_after"]
+    peak = row["peak_bytes_before"] - row["peak_bytes_after"]
+    return f"{100 * peak / saved:.0f}%" if saved > 0 else "–"
+
+
 def write_reports(out: Path, summary: dict) -> None:
     from tabulate import tabulate
 
@@ -180,10 +186,11 @@ def write_reports(out: Path, summary: dict) -> None:
     mem = tabulate(
         [(r["model"], r["baseline"], r["mode"], mib(r["saved_bytes_before"]), mib(r["saved_bytes_after"]),
           pct(r["saved_bytes_after"], r["saved_bytes_before"]), mib(r["peak_bytes_before"]),
-          mib(r["peak_bytes_after"]), pct(r["peak_bytes_after"], r["peak_bytes_before"]))
+          mib(r["peak_bytes_after"]), pct(r["peak_bytes_after"], r["peak_bytes_before"]),
+          _drop_ratio(r))
          for r in summary["memory"]],
         headers=["model", "baseline", "mode", "saved MiB before", "after", "change",
-                 "peak MiB before", "after", "change"], tablefmt="github")
+                 "peak MiB before", "after", "change", "peak drop / saved drop"], tablefmt="github")
     spd = tabulate(
         [(r["model"], r["baseline"], r["mode"], f"{1e3 * r['step_s_before']:.1f}",
           f"{1e3 * r['step_s_after']:.1f}", f"{r['ratio']:.3f}",
@@ -212,6 +219,8 @@ section runs with MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors leave the r
 peak figures still include allocator effects (gradients, workspace) and read 0 when every
 tensor is smaller than that threshold (tiny scale). The saved bytes are exact.
 `eager` rows compare to plain eager, `compile` rows to torch.compile's default.
+"peak drop / saved drop" compares the two reductions in bytes (the issue's goal for the
+fewbit backend: at least 90%).
 
 {mem}
 
@@ -436,16 +445,21 @@ How things are measured:
 - **Gradient fidelity**: `tables.txt` (few-bit relative RMSE of f' under N(0,1), per bits),
   `inverse_floor.txt` (inverted f' error against the floor of an exact float64 inverse of the
   rounded output, per dtype), and `real_models.*` (relative error of all parameter
-  gradients of one step against the unchanged model, per model and mode).
+  gradients of one step against the unchanged model, per model and mode; few-bit tables
+  fitted to the example inputs, optimize()'s default).
 
 Not measured yet: GPU figures (no GPU was available to the sessions that made these).
 The convergence section at `--scale quick` trains for only 150 steps; `--scale full` trains
 3000 steps per run (33 runs in parallel worker processes, about 25 minutes on this 2-core
 machine). `python -m fewbit_fx.convergence --scale full` refreshes it alone.
-`convergence_adapter_lr0.003/` repeats the adapter task at learning rate 3e-3 (`python -m
-fewbit_fx.convergence --scale full --tasks adapter --adapter-lr 0.003 --out
-reports/convergence_adapter_lr0.003`), to tell divergence at 1e-2 from a learning-rate
-effect.
+Three other full runs are kept for comparison. With the N(0, 1) few-bit tables
+(`--tables normal`): `convergence_normal_tables/` (same setup as `convergence.md`; 5 of 12
+adapter few-bit runs diverged) and `convergence_adapter_lr0.003/` (the adapter task at
+learning rate 3e-3, to tell divergence from a learning-rate effect). With tables fitted
+once on the first batch and never refitted (`--tables fitted-once`):
+`convergence_fitted_once/` (adapters as good as `convergence.md`; pretraining from scratch
+up to 9% worse, because a table fitted at initialisation goes stale). Each file names the
+command that reproduces it.
 """
     (out / "README.md").write_text(text)
 

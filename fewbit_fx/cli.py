@@ -36,7 +36,7 @@ def cmd_report(a) -> int:
     t = time.perf_counter()
     rep = fewbit_fx.report(model, example_inputs=args, example_kwargs=kwargs, mode=a.mode,
                            bits=a.bits, overrides=overrides, measure=not a.no_measure,
-                           compiled=a.compiled)
+                           compiled=a.compiled, tables=a.tables)
     print(rep.to_json(indent=2) if a.json else rep)
     if not a.json:
         print(f"(analysis and measurement took {time.perf_counter() - t:.1f} s)")
@@ -54,13 +54,15 @@ def cmd_demo(a) -> int:
     torch.manual_seed(0)
     model, args, kwargs = load_model(a.model, a.scale)
     print(f"model: {a.model} ({a.scale}), {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
-    rep = fewbit_fx.report(model, example_inputs=args, example_kwargs=kwargs, mode=a.mode, bits=a.bits)
+    rep = fewbit_fx.report(model, example_inputs=args, example_kwargs=kwargs, mode=a.mode,
+                           bits=a.bits, tables=a.tables)
     print(rep)
     with torch.no_grad():
         model.eval()
         before = scalar_loss(model(*args, **kwargs))
     model.train()
-    fewbit_fx.optimize(model, example_inputs=args, example_kwargs=kwargs, mode=a.mode, bits=a.bits)
+    fewbit_fx.optimize(model, example_inputs=args, example_kwargs=kwargs, mode=a.mode,
+                       bits=a.bits, tables=a.tables)
     with torch.no_grad():
         model.eval()
         after = scalar_loss(model(*args, **kwargs))
@@ -87,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--scale", default="small", choices=["tiny", "small", "base"])
         s.add_argument("--mode", default="auto", choices=["auto", "exact", "fewbit"])
         s.add_argument("--bits", type=int, default=3)
+        s.add_argument("--tables", default="fitted", choices=["fitted", "normal"],
+                       help="few-bit tables fitted to the example inputs, or the N(0, 1) ones")
         if name == "report":
             s.add_argument("--override", action="append", default=[], metavar="PATTERN=VARIANT")
             s.add_argument("--json", action="store_true")

@@ -7,6 +7,8 @@ minimises the p-weighted squared error of the derivative,
     mse = integral (f'(x) - q(x))^2 p(x) dx,     p = N(0, 1) density unless given,
 
 and reports  rel_rmse = sqrt(mse / E_p[f'(x)^2])  (error relative to the derivative's RMS).
+`SampleDensity` turns observed inputs into p, so a table can be fitted to what a layer of a
+trained network really sees (fewbit_fx.calibration).
 
 Borders are restricted to a fine grid (`GRID_CELLS` cells, denser where p is large, every
 kink of f' inserted exactly, so piecewise-linear functions come out exact), on which the
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import math
 import numbers
 from dataclasses import dataclass
@@ -46,6 +49,7 @@ _GL_NODES = 8         # Gauss-Legendre nodes per quadrature interval
 _TAIL_STEP = 0.125    # quadrature interval length outside the border grid
 _BLOCK = 128          # DP column block (keeps the min-plus working set in cache)
 _ZERO_REL = 1e-14     # relative mse treated as exact (rounding noise of the cost sums)
+_CACHED_FITS = 512    # bounded: refitting during training makes a new density every time
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensor fields; identity equality and hash
@@ -105,6 +109,77 @@ def derivative_mse(act: Activation, table: Table, density: Density | None = None
         return float((err * w).sum())
 
 
+class SampleDensity:
+    """Density of observed inputs: a histogram on a 1/32 grid smoothed by a Gaussian kernel
+    (Silverman's bandwidth), so a few thousand samples already give a usable fit; f' is
+    smooth, so the table does not need fine detail of p. Inputs beyond +-_CLAMP count at
+    +-_CLAMP (every supported f' is constant out there). Equal samples give an equal
+    density (hash of the histogram), so refitting the same data hits the table cache.
+    """
+
+    _BIN = 1.0 / 32
+    _CLAMP = _R - 4.0
+
+    def __init__(self, samples: Tensor) -> None:
+        s = samples.detach().reshape(-1).to("cpu", torch.float64)
+        s = s[torch.isfinite(s)]
+        if s.numel() == 0:
+            raise ValueError("SampleDensity needs at least one finite sample")
+        s = s.clamp(-self._CLAMP, self._CLAMP)
+        self.samples = s.numel()
+        bins = int(round(2 * _R / self._BIN))
+        counts = torch.histc(s, bins=bins, min=-_R, max=_R)
+        sigma = self._bandwidth(s) / self._BIN  # in bins
+        radius = int(math.ceil(4 * sigma))
+        k = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float64) / sigma) ** 2)
+        smooth = torch.nn.functional.conv1d(counts[None, None], (k / k.sum())[None, None],
+                                            padding=radius)[0, 0]
+        smooth[0] = smooth[-1] = 0.0  # zero at the ends: the interpolant's mass is the bins' mass
+        self._x = (-_R + self._BIN * (torch.arange(bins, dtype=torch.float64) + 0.5)).numpy()
+        self._p = (smooth / (smooth.sum() * self._BIN)).numpy()
+        self._key = hashlib.sha1(self._p.tobytes()).hexdigest()
+
+    def _bandwidth(self, s: Tensor) -> float:
+        n = s.numel()
+        spread = float(s.std()) if n > 1 else 0.0
+        if n > 1:
+            q = torch.quantile(s[:: max(1, n // 100_000)], torch.tensor([0.25, 0.75], dtype=torch.float64))
+            iqr = float(q[1] - q[0]) / 1.349
+            spread = min(spread, iqr) if iqr > 0 else spread
+        return max(0.9 * spread * n ** -0.2, 2 * self._BIN)
+
+    def __call__(self, x):
+        return np.interp(np.asarray(x, dtype=np.float64), self._x, self._p, left=0.0, right=0.0)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, SampleDensity) and other._key == self._key
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __repr__(self) -> str:
+        return f"SampleDensity({self.samples} samples)"
+
+
+def random_subset(x: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """At most n elements of x drawn at random (with replacement), flattened; all of x if
+    it is that small. The generator is the caller's, so the global RNG is untouched."""
+    flat = x.detach().reshape(-1)
+    if flat.numel() <= n:
+        return flat
+    return flat[torch.randint(0, flat.numel(), (n,), generator=generator).to(flat.device)]
+
+
+def sample_rel_rmse(act: Activation, table: Table, samples: Tensor) -> float:
+    """The table's derivative error on the samples themselves, relative to f''s RMS there:
+    sqrt(mean (f' - q)^2 / mean f'^2). A direct measurement, independent of the fit."""
+    x = samples.detach().reshape(-1).to("cpu", torch.float64)
+    x = x[torch.isfinite(x)]
+    d = act.derivative(x)
+    total = float((d * d).mean())
+    return math.sqrt(float(((d - table.q(x)) ** 2).mean()) / total) if total > 0 else 0.0
+
+
 # --- fitting ----------------------------------------------------------------------------
 def _check_bits(bits, what: str) -> None:
     if (not isinstance(bits, numbers.Integral) or isinstance(bits, bool)
@@ -112,7 +187,7 @@ def _check_bits(bits, what: str) -> None:
         raise ValueError(f"{what} must be an integer in 1..{MAX_BITS}, got {bits!r}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=_CACHED_FITS)
 def _solve(act: Activation, max_bits: int, density: Density | None) -> tuple[Table, ...]:
     """Tables for bits 1..max_bits (index bits - 1)."""
     with _one_thread():
@@ -231,7 +306,7 @@ def _make_table(act: Activation, borders: Tensor, cells: Tensor, cuts: Tensor) -
 
 
 # --- grid and quadrature --------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=_CACHED_FITS)
 def _cell_moments(act: Activation, density: Density | None) -> tuple[Tensor, Tensor]:
     """Candidate borders (GRID_CELLS - 1, kinks included) and per-cell integrals of p,
     f'p, f'^2 p (3 x cells); the outer cells reach to -+_R, i.e. hold the tails."""
@@ -277,7 +352,7 @@ def _shaped_grid(density: Density | None, lo: float, hi: float, n: int) -> Tenso
     return (torch.round(g * 2**20) / 2**20).float().double()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=_CACHED_FITS)
 def _support(density: Density | None) -> tuple[float, float]:
     """Range outside which the density has < _TAIL_EPS mass, rounded outward to 0.5."""
     e = torch.arange(-_R, _R + _PROBE / 2, _PROBE, dtype=torch.float64)
@@ -331,4 +406,5 @@ def _nodes(edges: Tensor) -> tuple[Tensor, Tensor]:
     return (mid + half * gx).reshape(-1), (half * gw).reshape(-1)
 
 
-__all__ = ["Table", "optimal_table", "all_tables", "derivative_mse", "GRID_CELLS", "MAX_BITS"]
+__all__ = ["Table", "optimal_table", "all_tables", "derivative_mse", "SampleDensity",
+           "random_subset", "sample_rel_rmse", "GRID_CELLS", "MAX_BITS"]

@@ -33,15 +33,23 @@ def build_module(site: Site, decision: Decision) -> nn.Module:
     return FewBit(site.activation, bits=decision.bits)
 
 
-def apply(model: nn.Module, plan: list[Planned]) -> dict[tuple, str]:
-    """Rewrite `model` in place. Returns {rewrite_key: reason} for sites left unchanged."""
+@dataclass
+class Applied:
+    failures: dict[tuple, str]          # rewrite_key -> why that site was left unchanged
+    modules: dict[tuple, nn.Module]     # rewrite_key -> its new FewBit/Inverted module
+
+
+def apply(model: nn.Module, plan: list[Planned]) -> Applied:
+    """Rewrite `model` in place; a site that cannot be rewritten is left as it was."""
     failures: dict[tuple, str] = {}
     chosen = {p.site.rewrite_key: p for p in plan if p.decision.variant != "kept"}
     by_owner: dict[str, list[Planned]] = {}
     staged: list[tuple[nn.Module, str, nn.Module]] = []
+    built: dict[tuple, nn.Module] = {}
     for key, p in chosen.items():
         if p.site.module_path is not None:
             staged.append(_stage_module_swap(model, p))
+            built[key] = staged[-1][2]
         else:
             by_owner.setdefault(p.site.owner_path, []).append(p)
     forwards = []
@@ -54,11 +62,12 @@ def apply(model: nn.Module, plan: list[Planned]) -> dict[tuple, str]:
     # Everything is staged: now mutate, so a failure above leaves the model untouched.
     for parent, name, new in staged:
         setattr(parent, name, new)
-    for owner, children, forward in forwards:
+    for owner, children, forward, by_key in forwards:
         for name, child in children.items():
             owner.add_module(name, child)
         owner.forward = forward
-    return failures
+        built.update(by_key)
+    return Applied(failures, built)
 
 
 def _stage_module_swap(model: nn.Module, p: Planned) -> tuple[nn.Module, str, nn.Module]:
@@ -105,6 +114,7 @@ def _stage_functional(model: nn.Module, owner_path: str, planned: list[Planned])
             f"{type(owner).__name__}.forward traced differently from the captured graph"
         )
     children: dict[str, nn.Module] = {}
+    by_key: dict[tuple, nn.Module] = {}
     for k, p in sorted(by_occurrence.items()):
         node = calls[k]
         act, _ = activation_of_node(node)
@@ -113,7 +123,7 @@ def _stage_functional(model: nn.Module, owner_path: str, planned: list[Planned])
                 f"{type(owner).__name__}.forward traced differently from the captured graph"
             )
         name = _free_name(owner, f"fewbit_{act.name}_{k}")
-        children[name] = build_module(p.site, p.decision).train(owner.training)
+        children[name] = by_key[p.site.rewrite_key] = build_module(p.site, p.decision).train(owner.training)
         with graph.inserting_before(node):
             call = graph.call_module(name, (node.args[0],))
         node.replace_all_uses_with(call)
@@ -125,7 +135,7 @@ def _stage_functional(model: nn.Module, owner_path: str, planned: list[Planned])
             raise _CannotRewrite(f"traced constant {t} has no home in the module")
     code = fx.GraphModule({t: children.get(t) or _get_attr(owner, t) for t in targets}, graph)
     # Bind the generated forward to the original instance: attributes resolve against it.
-    return owner, children, types.MethodType(type(code).forward, owner)
+    return owner, children, types.MethodType(type(code).forward, owner), by_key
 
 
 def _get_attr(module: nn.Module, target: str):

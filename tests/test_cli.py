@@ -12,6 +12,14 @@ def test_report_json_for_a_catalog_model(capsys):
     variants = {r["site"]: r["variant"] for r in rep["rows"]}
     assert "fewbit-3" in variants.values() and "inverted" in variants.values()
     assert rep["measured_after"] < rep["measured_before"]
+    fewbit_rows = [r for r in rep["rows"] if r["variant"].startswith("fewbit")]
+    assert all("table fitted to" in r["reason"] for r in fewbit_rows)
+
+
+def test_report_with_normal_tables(capsys):
+    assert cli.main(["report", "frozen", "--scale", "tiny", "--tables", "normal", "--no-measure"]) == 0
+    out = capsys.readouterr().out
+    assert "tables='normal'" in out and "table fitted" not in out
 
 
 def tiny_model():

@@ -38,6 +38,12 @@ def test_main_runs_every_job_in_worker_processes_and_keeps_each_run(tmp_path, mo
     assert ("adapter", "fewbit-1") in jobs and ("adapter", "inverted") not in jobs
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {r["variant"] for r in summary["convergence"]} >= {"exact", "inverted", "fewbit-3"}
+    assert "tables='fitted'" in (tmp_path / "convergence.md").read_text()
+    # Rebuilt from the saved runs, the markdown names the options that reproduce them.
+    assert convergence.main(["--scale", "quick", "--out", str(tmp_path), "--summarize-only",
+                             "--tables", "normal", "--adapter-lr", "0.003"]) == 0
+    md = (tmp_path / "convergence.md").read_text()
+    assert "--adapter-lr 0.003 --tables normal" in md and "N(0, 1) ones" in md
 
 
 def test_outliers_name_runs_that_diverged_from_exact():
@@ -45,3 +51,18 @@ def test_outliers_name_runs_that_diverged_from_exact():
             {"task": "adapter", "variant": "fewbit-3", "seed": 0, "final_loss": 3.6},
             {"task": "adapter", "variant": "fewbit-2", "seed": 0, "final_loss": 1.82}]
     assert convergence.outliers(runs) == ["adapter fewbit-3 seed 0: 3.600 vs exact 1.800"]
+
+
+def test_tables_option_reaches_the_fewbit_modules():
+    from fewbit_fx.nn import REFIT_EVERY, FewBit
+
+    cfg = dict(steps=1, seeds=1, layers=1, width=32, seq=16, batch=2)
+    data = convergence.corpus(max_bytes=20_000)
+    refits = {}
+    for tables in ("fitted", "fitted-once", "normal"):
+        run = convergence.train("pretrain", "fewbit-2", 0, {**cfg, "tables": tables}, data[:18_000], data[18_000:])
+        modules = [m for m in run["model"].modules() if isinstance(m, FewBit)]
+        assert modules
+        refits[tables] = {(m.refit_every, m.fitted_on is not None) for m in modules}
+    assert refits == {"fitted": {(REFIT_EVERY, True)}, "fitted-once": {(None, True)},
+                      "normal": {(None, False)}}

@@ -20,7 +20,7 @@ from torch import nn
 
 from fewbit_fx.activations import from_module
 from fewbit_fx.nn import FewBit, Inverted
-from fewbit_fx.tables import optimal_table
+from fewbit_fx.tables import SampleDensity, optimal_table
 
 try:
     import transformers.activations as hf
@@ -291,6 +291,84 @@ def test_fewbit_relu_one_bit_is_exact():
     assert torch.equal(grad, torch_grad(module, x, g))
 
 
+def test_fewbit_fit_uses_the_table_of_the_observed_inputs():
+    """fit(samples) swaps in the table fitted to those samples' density: the gradient is
+    that table's lookup, and on inputs like the samples it is far closer to exact."""
+    module = nn.GELU()
+    g = torch.Generator().manual_seed(7)
+    seen = torch.randn(4096, generator=g) * 2.1 - 1.8
+    wrapper = FewBit(module, 3)
+    assert wrapper.fit(seen) is wrapper and wrapper.fitted_on == 4096
+    assert "fitted_on=4096" in repr(wrapper) and wrapper.state_dict() == {}
+    table = optimal_table(from_module(module), 3, SampleDensity(seen))
+    assert torch.equal(wrapper.borders, table.borders.float())
+    assert torch.equal(wrapper.levels, table.levels.float())
+    x = (torch.randn(100_000, generator=g) * 2.1 - 1.8).double()
+    b32 = table.borders.float().double()
+    x = x[~torch.isin(x, b32)]
+    _, grad = run_grad(wrapper, x, torch.ones_like(x))
+    assert torch.equal(grad, table.levels.float().double()[torch.bucketize(x, table.borders)])
+    exact = reference_grad(module, x, torch.ones_like(x))
+    _, normal = run_grad(FewBit(module, 3), x, torch.ones_like(x))
+    assert (grad - exact).norm() < 0.6 * (normal - exact).norm()
+
+
+def test_fewbit_refits_every_n_training_calls_and_in_flight_steps_keep_their_table():
+    module = nn.GELU()
+    wrapper = FewBit(module, 3, refit_every=2)
+    g = torch.Generator().manual_seed(8)
+    x1 = (torch.randn(3000, generator=g) * 0.2).requires_grad_(True)  # narrow, like an init
+    x2 = (torch.randn(3000, generator=g) * 2 - 1).requires_grad_(True)  # wider, later
+    normal = optimal_table(from_module(module), 3)
+    y1 = wrapper(x1)  # call 1: no refit
+    assert wrapper.fitted_on is None and torch.equal(wrapper.levels, normal.levels.float())
+    with torch.no_grad():
+        wrapper(x2)  # no grad: not a training call, nothing counted
+    y2 = wrapper(x2)  # call 2: refit to x2 first
+    fitted = optimal_table(from_module(module), 3, SampleDensity(x2.detach()))
+    assert wrapper.fitted_on == 3000 and torch.equal(wrapper.levels, fitted.levels.float())
+    (g1,) = torch.autograd.grad(y1.sum(), x1)  # step 1 saved the old table: it keeps it
+    assert torch.equal(g1, normal.levels.float()[torch.bucketize(x1.detach().double(), normal.borders)])
+    (g2,) = torch.autograd.grad(y2.sum(), x2)
+    assert torch.equal(g2, fitted.levels.float()[torch.bucketize(x2.detach().double(), fitted.borders)])
+    assert "refit_every=2" in repr(wrapper)
+
+
+def test_fewbit_refits_at_doubling_intervals_up_to_the_cap(monkeypatch):
+    from fewbit_fx import nn as fewbit_nn
+
+    monkeypatch.setattr(fewbit_nn, "REFIT_INTERVAL_CAP", 4)
+    wrapper = FewBit(nn.Tanh(), 1, refit_every=1)
+    refits = []
+    wrapper.fit = lambda x: refits.append(wrapper._calls)  # count, do not fit
+    x = torch.randn(300, requires_grad=True)
+    for _ in range(20):
+        wrapper(x)
+    assert refits == [1, 3, 7, 11, 15, 19]  # intervals 2, 4, then capped at 4 x 1
+    small = FewBit(nn.Tanh(), 1, refit_every=1)
+    small(torch.randn(10, requires_grad=True))  # too few inputs to fit: the table stays
+    assert small.fitted_on is None
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "10"])
+def test_fewbit_bad_refit_every(bad):
+    with pytest.raises(ValueError, match="refit_every must be a positive integer"):
+        FewBit(nn.GELU(), 3, refit_every=bad)
+
+
+def test_fewbit_large_inputs_are_subsampled_for_fitting():
+    from fewbit_fx.nn import FIT_SAMPLES
+
+    wrapper = FewBit(nn.SiLU(), 2).fit(torch.randn(FIT_SAMPLES + 1000))
+    assert wrapper.fitted_on == FIT_SAMPLES
+
+
+def test_fewbit_set_table_checks_the_number_of_levels():
+    wrapper = FewBit(nn.SiLU(), 2)
+    with pytest.raises(ValueError, match="bits=2 needs 4"):
+        wrapper.set_table(optimal_table(from_module(nn.SiLU()), 3))
+
+
 def test_fewbit_relative_error_decreases_with_bits():
     module = nn.GELU()
     x = torch.randn(200_000, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
@@ -484,6 +562,17 @@ def test_compile_fewbit_gelu():
     traced = saved_bytes(lambda: compiled(x).sum(), exclude=excluded)
     traced.loss.backward()
     assert traced.bytes <= eager.bytes == (8 * 16 + 8 * 32) * 4 + math.ceil(8 * 32 * 3 / 8)
+
+
+def test_compiled_fewbit_with_refit_every_does_not_refit_or_recompile():
+    wrapper = FewBit(nn.GELU(), bits=2, refit_every=1)
+    compiled = torch.compile(wrapper, backend="inductor", fullgraph=True)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in range(3):
+            x = torch.randn(64, generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
+            compiled(x).sum().backward()
+    assert wrapper.fitted_on is None and wrapper._calls == 0
 
 
 def test_compile_inverted_silu():

@@ -458,8 +458,10 @@ def test_rewrite_failure_leaves_model_untouched():
 def test_rewrite_apply_directly_reports_failures():
     model = Untraceable()
     p = plan(model, (x_in(),), {}, "auto", 3, None)
-    failures = rewrite.apply(model, p.planned)
+    applied = rewrite.apply(model, p.planned)
+    failures = applied.failures
     assert list(failures) == [("call", "", 0)]
+    assert ("call", "", 0) not in applied.modules
     assert "Untraceable.forward is not symbolically traceable" in failures[("call", "", 0)]
 
 
