@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -74,11 +75,20 @@ def optimize(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode
     return model
 
 
-def _calibrate(model, applied: rewrite.Applied, args, kwargs, tables: str) -> dict:
+def _calibrate(model, applied: rewrite.Applied, args, kwargs, tables: str) -> dict | None:
+    """{rewrite_key: Calibration} of the new FewBit modules; None if the fit failed."""
     if tables != "fitted":
         return {}
     fewbit = {k: m for k, m in applied.modules.items() if isinstance(m, FewBit)}
-    return calibration.calibrate(model, fewbit, args, kwargs) if fewbit else {}
+    if not fewbit:
+        return {}
+    try:
+        return calibration.calibrate(model, fewbit, args, kwargs)
+    except Exception as e:  # noqa: BLE001 - the rewrite stands; only the fit is lost
+        warnings.warn(f"fewbit_fx: could not run the model to fit the few-bit tables "
+                      f"({type(e).__name__}: {e}); they stay fitted for N(0, 1) inputs",
+                      RuntimeWarning, stacklevel=3)
+        return None
 
 
 def _optimize_on_first_call(model, mode, bits, overrides, tables):
@@ -136,14 +146,14 @@ def report(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode: 
     return rep
 
 
-def _report_from(p: Plan, failures: dict[tuple, str], fits: dict, tables: str) -> Report:
+def _report_from(p: Plan, failures: dict[tuple, str], fits: dict | None, tables: str) -> Report:
     rows = []
     for item in p.planned:
         s, d, before = item.site, item.decision, item.saves.saved_before
         variant, after, reason = d.label, d.saved_after, d.reason
         if s.rewrite_key in failures and d.variant != "kept":
             variant, after, reason = "kept", before, f"not rewritten: {failures[s.rewrite_key]}"
-        elif s.rewrite_key in fits:
+        elif fits and s.rewrite_key in fits:
             reason = f"{reason}; {fits[s.rewrite_key].describe()}"
         v = capture.example_value(s.output)
         rows.append(Row(s.name, str(s.activation), variant, reason, tuple(v.shape),
@@ -151,11 +161,13 @@ def _report_from(p: Plan, failures: dict[tuple, str], fits: dict, tables: str) -
     return Report(rows, p.mode, p.bits, notes=_table_notes(p, fits, tables))
 
 
-def _table_notes(p: Plan, fits: dict, tables: str) -> list[str]:
+def _table_notes(p: Plan, fits: dict | None, tables: str) -> list[str]:
     if not any(item.decision.variant == "fewbit" for item in p.planned):
         return []
     if tables == "normal":
         return ["few-bit tables: fitted for N(0, 1) inputs (tables='normal')"]
+    if fits is None:
+        return ["few-bit tables: N(0, 1) (fitting failed, see the warning)"]
     done = [f for f in fits.values() if f.fitted]
     if not done:
         return ["few-bit tables: N(0, 1) (too few inputs observed to fit)"] if fits else []

@@ -36,6 +36,8 @@ class Calibration:
     error_fitted: float | None    # the same for the fitted table
 
     def describe(self) -> str:
+        if not self.fitted and self.samples == 0:
+            return "N(0,1) table until training refits it: no input reached it on the example inputs"
         if not self.fitted:
             return (f"N(0,1) table until training refits it: only {self.samples} inputs "
                     f"observed (< {MIN_SAMPLES}); f' error on them {self.error_normal:.3f}")

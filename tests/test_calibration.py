@@ -193,3 +193,22 @@ def test_compiling_an_optimized_model_uses_its_fitted_tables():
     normal.load_state_dict(model.state_dict())
     fewbit_fx.optimize(normal, example_inputs=(batch(),), mode="fewbit", tables="normal")
     assert (input_grad(normal) - eager).abs().max() > 1e-2  # the tables do matter here
+
+
+def test_a_failing_calibration_forward_keeps_the_rewrite_and_warns(monkeypatch):
+    model = Shifted()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(calibration, "record_inputs", broken)
+    with pytest.warns(RuntimeWarning, match="could not run the model to fit the few-bit tables"):
+        fewbit_fx.optimize(model, example_inputs=(batch(),), mode="fewbit")
+    assert isinstance(model.act, FewBit) and model.act.fitted_on is None
+    assert any("fitting failed" in n for n in fewbit_fx.report(model).notes)
+
+
+def test_descriptions_never_print_nan():
+    assert "no input reached it" in calibration.Calibration(0, False, float("nan"), None).describe()
+    assert "only 9 inputs" in calibration.Calibration(9, False, 0.1, None).describe()
+    assert "fitted to 999 observed inputs" in calibration.Calibration(999, True, 0.2, 0.1).describe()

@@ -139,7 +139,7 @@ def fewbit_expected_grad(module: nn.Module, bits: int, x: torch.Tensor, g: torch
     """grad * levels[code], codes by torch.bucketize on the table's float64 borders, levels as
     the module stores them (float32), the product in at least float32."""
     table = optimal_table(from_module(module), bits)
-    codes = torch.bucketize(x.detach().double(), table.borders.double())
+    codes = torch.bucketize(x.detach().double().contiguous(), table.borders.double())
     dt = torch.promote_types(g.dtype, torch.float32)
     return (g.to(dt) * table.levels.to(torch.float32).to(dt)[codes]).to(g.dtype)
 

@@ -41,7 +41,10 @@ def _forward(x, act, params, borders, bits, search=torch.bucketize):
     check_input(x, "FewBit")
     y = from_op_args(act, params).forward(x)
     dt = compare_dtype(x.dtype)
-    codes = search(x.to(dt), borders.to(dt))
+    xs = x.to(dt)
+    if search is torch.bucketize:
+        xs = xs.contiguous()  # bucketize would copy anyway, with a warning
+    codes = search(xs, borders.to(dt))
     return y, pack(codes, bits)
 
 
