@@ -6,7 +6,7 @@ find the first one's C++ kernels). The figure is the first training step (Dynamo
 our analysis and rewrite, AOTAutograd, Inductor, C++ compilation, one step), minus a warm
 step, so that only compilation counts. Runs alternate default / fewbit per repeat.
 
-    python -m fewbit_fx.bench compile-time [--models gpt2 bert] [--repeats 2]
+    python -m fewbit_fx.bench compile-time [--models gpt2 bert] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fewbit-fx bench compile-time")
     p.add_argument("--scale", default="small", help="model scale (tiny, small, base)")
     p.add_argument("--models", nargs="*", default=["gpt2", "bert", "llama", "vit"])
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="reports")
     a = p.parse_args(argv)
     rows = []
