@@ -124,8 +124,7 @@ class SampleDensity:
     grid_cells = 1000
 
     def __init__(self, samples: Tensor) -> None:
-        s = samples.detach().reshape(-1).to("cpu", torch.float64)
-        s = s[torch.isfinite(s)]
+        s = _finite(samples)
         if s.numel() == 0:
             raise ValueError("SampleDensity needs at least one finite sample")
         s = s.clamp(-self._CLAMP, self._CLAMP)
@@ -164,6 +163,12 @@ class SampleDensity:
         return f"SampleDensity({self.samples} samples)"
 
 
+def _finite(samples: Tensor) -> Tensor:
+    """The finite values of samples, flat, float64 on the CPU."""
+    s = samples.detach().reshape(-1).to("cpu", torch.float64)
+    return s[torch.isfinite(s)]
+
+
 def random_subset(x: Tensor, n: int, generator: torch.Generator) -> Tensor:
     """At most n elements of x drawn at random (with replacement), flattened; all of x if
     it is that small. The generator is the caller's, so the global RNG is untouched."""
@@ -176,8 +181,7 @@ def random_subset(x: Tensor, n: int, generator: torch.Generator) -> Tensor:
 def sample_rel_rmse(act: Activation, table: Table, samples: Tensor) -> float:
     """The table's derivative error on the samples themselves, relative to f''s RMS there:
     sqrt(mean (f' - q)^2 / mean f'^2). A direct measurement, independent of the fit."""
-    x = samples.detach().reshape(-1).to("cpu", torch.float64)
-    x = x[torch.isfinite(x)]
+    x = _finite(samples)
     d = act.derivative(x)
     total = float((d * d).mean())
     return math.sqrt(float(((d - table.q(x)) ** 2).mean()) / total) if total > 0 else 0.0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -84,17 +85,25 @@ def gradient_error(name: str, scale: str, mode: str, bits: int, tables: str = "f
     the optimized model against the unchanged one (same weights and inputs, float32).
     optimize() sees other inputs than the step (same shapes, fresh random values), so
     fitted tables are measured out of sample."""
-    _, args, kwargs = models.build(name, scale)
-    calib_args, calib_kwargs = fresh_like(args), fresh_like(kwargs)
-    grads = []
-    for optimize in (False, True):
-        model, args, kwargs = models.build(name, scale)
-        if optimize:
-            fewbit_fx.optimize(model, example_inputs=calib_args, example_kwargs=calib_kwargs,
-                               mode=mode, bits=bits, tables=tables)
-        scalar_loss(model(*args, **kwargs)).backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-    return ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
+    exact = exact_gradients(name, scale)
+    grads = step_gradients(name, scale, dict(mode=mode, bits=bits, tables=tables))
+    return ((grads - exact).norm() / exact.norm()).item()
+
+
+@functools.lru_cache(maxsize=1)  # models run one after another: reused across their modes
+def exact_gradients(name: str, scale: str) -> torch.Tensor:
+    return step_gradients(name, scale)
+
+
+def step_gradients(name: str, scale: str, optimize: dict | None = None) -> torch.Tensor:
+    """All parameter gradients of one training step, optionally after optimize(**optimize)
+    on fresh inputs of the same shapes."""
+    model, args, kwargs = models.build(name, scale)
+    if optimize is not None:
+        fewbit_fx.optimize(model, example_inputs=fresh_like(args),
+                           example_kwargs=fresh_like(kwargs), **optimize)
+    scalar_loss(model(*args, **kwargs)).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
 def fresh_like(inputs):
