@@ -69,7 +69,7 @@ def fewbit_backend(gm: fx.GraphModule, example_inputs):
 
 def plan_graph(gm: fx.GraphModule, mode: str, bits: int,
                overrides: dict[str, str] | None) -> list[Planned]:
-    return plan_graphs([gm], mode, bits, overrides)
+    return plan_graphs([gm], mode, bits, overrides, compiled=True)
 
 
 def rewrite_graph(gm: fx.GraphModule, planned: list[Planned]) -> int:

@@ -282,6 +282,8 @@ def _sections(scale: str, out: str) -> list[tuple[str, str, list[str], str | Non
         ("real-models", "per-model report: estimated vs measured saved bytes, all modes",
          py + [str(_SCRIPTS / "real_models_report.py"), model_scale, "--out", out]
          + (["--no-plan-timing"] if quick else []), None),
+        ("peak", "where a step peaks and how much of the saved-bytes reduction reaches the peak, by depth",
+         py + ["-m", "fewbit_fx.bench", "peak", "--scale", model_scale, "--out", out], None),
         ("compiled", "per-site saved bytes under torch.compile default vs the fewbit backend",
          py + ["-m", "fewbit_fx.bench", "compiled", "--scale", model_scale, "--out", out], None),
         ("compile-time", "compile time of the fewbit backend vs torch.compile default, cold caches",
@@ -355,10 +357,10 @@ def table_error_plot(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Regenerate reports/: every section, each in its own process, then the index."""
     argv = list(argv or [])
-    from fewbit_fx import bench_anchors, bench_compile_time
+    from fewbit_fx import bench_anchors, bench_compile_time, bench_peak
 
     sub = {"memory": memory_and_speed, "compiled": compiled_sites, "tables-plot": table_error_plot,
-           "compile-time": bench_compile_time.main, "anchors": bench_anchors.main}
+           "compile-time": bench_compile_time.main, "anchors": bench_anchors.main, "peak": bench_peak.main}
     if argv and argv[0] in sub:
         return sub[argv[0]](argv[1:])
     p = argparse.ArgumentParser(prog="fewbit-fx bench", description=__doc__)
@@ -404,7 +406,7 @@ _FILES = {
     "tables-plot": ["fewbit_error.png"],
     "inverse": ["inverse_floor.txt"], "ops": ["ops.txt", "ops.json"],
     "real-models": ["real_models.md", "real_models.json"], "compiled": ["compiled.md"],
-    "compile-time": ["compile_time.md"], "anchors": ["anchors.md"],
+    "compile-time": ["compile_time.md"], "anchors": ["anchors.md"], "peak": ["peak.md"],
     "convergence": ["convergence.md", "convergence.png", "convergence_runs.json"],
 }
 
@@ -439,7 +441,8 @@ How things are measured:
   "measured" figures from a real step.
 - **Peak memory**: CPU process peak RSS during the step (VmHWM reset via
   /proc/self/clear_refs) above the resident memory before it; on GPU
-  `torch.cuda.max_memory_allocated`.
+  `torch.cuda.max_memory_allocated`. `peak.md` also counts live tensor bytes through the
+  profiler's allocator timeline (exact and repeatable on CPU) and names the op at the peak.
 - **Speed**: median over interleaved repeats in one process after a warm-up step. The
   machine is a shared 2-core CPU box: treat ratios within ~10% as noise.
 - **Gradient fidelity**: `tables.txt` (few-bit relative RMSE of f' under N(0,1), per bits),

@@ -54,3 +54,49 @@ def training_step_saved_bytes(model: torch.nn.Module, loss_fn: Callable[[], Tens
     record = saved_bytes(loss_fn, exclude=list(model.parameters()) + list(model.buffers()))
     record.loss.backward()
     return record.bytes
+
+
+@dataclass
+class AllocatedPeak:
+    """Peak of live tensor bytes during a step, as the CPU allocator saw it."""
+
+    bytes: int        # above the bytes live when the step began
+    where: str        # "forward: <op>" or "backward: <autograd node>"
+
+
+def allocated_peak(step: Callable[[], None]) -> AllocatedPeak:
+    """Run `step()` under the profiler's memory timeline and return its peak.
+
+    This counts tensor allocations (like torch.cuda.max_memory_allocated on GPU), not the
+    process's resident memory, so it is exact and repeatable on CPU and names the op that
+    was running at the peak.
+    """
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action, MemoryProfileTimeline
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        step()
+    live = peak = 0
+    peak_t = 0
+    for t, action, (key, _), nbytes in MemoryProfileTimeline(prof._memory_profile()).timeline:
+        if key.device.type != "cpu" or action == Action.PREEXISTING:
+            continue  # what was live before the step is the baseline
+        if action == Action.CREATE:
+            live += nbytes
+        elif action == Action.DESTROY:
+            live -= nbytes
+        if live > peak:
+            peak, peak_t = live, t
+    return AllocatedPeak(peak, _op_at(prof, peak_t))
+
+
+def _op_at(prof, t_ns: int) -> str:
+    """The innermost op running at t_ns, and whether it ran in backward."""
+    spans = [(e.end_ns() - e.start_ns(), e.name()) for e in prof.profiler.kineto_results.events()
+             if e.start_ns() <= t_ns <= e.end_ns()]
+    node = [name for _, name in sorted(spans) if name.startswith("autograd::engine::evaluate_function")]
+    if node:
+        return "backward: " + node[0].rsplit(":", 1)[-1].strip()
+    ops = [name for _, name in sorted(spans) if name.startswith("aten::")]
+    return "forward: " + (ops[0] if ops else "?")

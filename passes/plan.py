@@ -9,11 +9,12 @@ from fewbit_fx.passes.rewrite import Planned
 
 
 def plan_graphs(graphs: list[fx.GraphModule], mode: str, bits: int,
-                overrides: dict[str, str] | None) -> list[Planned]:
+                overrides: dict[str, str] | None, compiled: bool = False) -> list[Planned]:
+    """`compiled`: plan for torch.compile's partitioner instead of eager autograd."""
     graph_saves = [saves.analyse_graph(gm.graph) for gm in graphs]
     planned = []
     for site in detect.find_sites(graphs):
-        sv = saves.analyse_site(site, graph_saves[site.graph_index])
+        sv = saves.analyse_site(site, graph_saves[site.graph_index], compiled)
         planned.append(Planned(site, sv, decide.decide(site, sv, *decide.site_mode(site, mode, bits, overrides))))
     return _agree_per_key(planned)
 

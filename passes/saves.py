@@ -68,6 +68,10 @@ if hasattr(F, "rms_norm"):
     _NORMS.add(F.rms_norm)
 _MULS = {operator.mul, torch.mul, operator.imul}
 _DIVS = {operator.truediv, torch.div, operator.itruediv}
+_POINTWISE_KEEPERS = _MULS | _DIVS | _SAVE_INPUT_FUNCS | {torch.exp, torch.sqrt, torch.rsqrt,
+                                                          torch.reciprocal, torch.special.expit}
+_POINTWISE_KEEPER_METHODS = {"mul", "mul_", "__mul__", "__rmul__", "div", "div_", "__truediv__",
+                             "exp", "sqrt", "rsqrt", "reciprocal"} | _SAVE_INPUT_METHODS
 
 
 def _rg(arg) -> bool:
@@ -233,20 +237,26 @@ class SiteSaves:
         return self.numel * _itemsize(self.dtype)
 
 
-def analyse_site(site: Site, gs: GraphSaves) -> SiteSaves:
+def analyse_site(site: Site, gs: GraphSaves, compiled: bool = False) -> SiteSaves:
+    """`compiled`: the graph goes through torch.compile's partitioner, which recomputes
+    pointwise work in backward rather than saving it (see _recomputed_by)."""
     inside = set(site.nodes)
     y = example_value(site.output)
+    y_root, x_root = gs.family[site.output], gs.family[site.input]
+    recomputed = _recomputed_by(site, gs) if compiled else []
     own = {gs.family[k] for n in site.nodes for k in saved_inputs(n)[0]}
     before = 0
     for root in own:
         outsiders = [k for k in gs.keepers.get(root, []) if k not in inside]
+        if root is x_root:
+            outsiders += recomputed
         if not outsiders and root not in gs.escapes:
             before += _family_bytes(root, gs)
-    y_root, x_root = gs.family[site.output], gs.family[site.input]
-    y_kept = [_describe(k) for k in gs.keepers.get(y_root, []) if k not in inside]
+    y_kept = [_describe(k) for k in gs.keepers.get(y_root, []) if k not in inside and k not in recomputed]
     if y_root in gs.escapes:
         y_kept.append("a later graph or the caller (returned from the captured graph)")
     x_kept = [_describe(k) for k in gs.keepers.get(x_root, []) if k not in inside]
+    x_kept += [f"{_describe(k)} (torch.compile recomputes the output from it)" for k in recomputed]
     members_y = gs.members(y_root)
     y_mutated = any(
         _mutates(u) and u not in inside for m in members_y for u in m.users
@@ -256,6 +266,32 @@ def analyse_site(site: Site, gs: GraphSaves) -> SiteSaves:
         numel=y.numel(), dtype=y.dtype, shape=tuple(y.shape), saved_before=before,
         y_kept_by=y_kept, x_kept_by=x_kept, y_mutated=y_mutated, x_reused_after=x_reused,
     )
+
+
+def _recomputed_by(site: Site, gs: GraphSaves) -> list[fx.Node]:
+    """Under torch.compile, the consumers that keep y but will get it recomputed from x.
+
+    The default min-cut partitioner recomputes pointwise values in backward unless backward
+    needs them materialized (as a matmul or conv operand). So when every op that keeps y is
+    pointwise (y * up in a gated MLP), the partitioner saves x and recomputes y: x is kept
+    anyway, and rewriting the site can only move bytes around (measured: the partitioner
+    then recomputes through the rewrite too, and saves exactly what it did before).
+    """
+    y_root = gs.family[site.output]
+    if y_root in gs.escapes:
+        return []
+    inside = set(site.nodes)
+    keepers = [k for k in gs.keepers.get(y_root, []) if k not in inside]
+    if keepers and all(_pointwise_keeper(k) for k in keepers):
+        return keepers
+    return []
+
+
+def _pointwise_keeper(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _POINTWISE_KEEPER_METHODS
+    return node.op == "call_function" and (
+        node.target in _POINTWISE_KEEPERS or activation_of_node(node) is not None)
 
 
 def _read_after(site: Site, gs: GraphSaves) -> bool:

@@ -172,3 +172,37 @@ def test_fewbit_block_saves_the_gelu_input_minus_the_codes():
     baseline, n = _block_bytes(nn.GELU())
     fewbit, _ = _block_bytes(FewBit(nn.GELU(), 3))  # levels buffer excluded with the model's
     assert baseline - fewbit == n * 4 - math.ceil(n * 3 / 8)
+
+
+# --- allocated_peak ------------------------------------------------------------------------
+def test_allocated_peak_counts_live_tensors_and_names_the_op():
+    from fewbit_fx.measure import allocated_peak
+
+    n = 1 << 18
+
+    def step():
+        a = torch.ones(n)          # 1 MiB
+        b = torch.ones(n) * 2      # 1 MiB (+ a 1 MiB temporary freed at once)
+        c = a + b                  # 1 MiB: three live, the peak
+        del a, b, c
+
+    peak = allocated_peak(step)
+    assert 3 * 4 * n <= peak.bytes <= 3 * 4 * n + 4096
+    assert peak.where.startswith("forward: aten::")
+
+
+@pytest.mark.parametrize("module,bits", [(nn.GELU(), 3), (nn.SiLU(), 1), (nn.GELU(), 5), (nn.Mish(), None)])
+def test_backward_allocates_only_its_output(module, bits):
+    """Few-bit and inverted backward must not materialise full-size temporaries (codes as
+    int32 did once): at the step's peak they would eat the saving they exist for."""
+    from fewbit_fx.measure import allocated_peak
+
+    n = 1 << 18  # long enough for the compiled CPU kernels
+    x = torch.randn(n, requires_grad=True)
+    layer = FewBit(module, bits=bits) if bits else Inverted(module)
+    g = torch.randn(n)
+    layer(x).backward(g)  # warm-up: compiles the kernels
+    y = layer(x)
+    x.grad = None
+    peak = allocated_peak(lambda: y.backward(g))
+    assert peak.bytes <= 4 * n + 64 * 1024, peak  # x.grad (4 n bytes) and small buffers

@@ -48,10 +48,20 @@ def _forward(x, act, params, borders, bits, search=torch.bucketize):
     return y, pack(codes, bits)
 
 
-def _binary_search(x: Tensor, borders: Tensor) -> Tensor:
-    """bucketize(x, borders) for 2^b - 1 sorted borders as b branch-free steps of a small
-    indexed load: Inductor fuses this, while aten.bucketize is an extern call on CPU.
-    `~(x <= border)` sends NaN to the last interval, as bucketize does."""
+COUNT_MAX_BORDERS = 15  # up to 4 bits: count the borders below x; above: binary search
+
+
+def _interval_index(x: Tensor, borders: Tensor) -> Tensor:
+    """bucketize(x, borders) for sorted borders, in ops Inductor fuses (aten.bucketize is
+    an extern call on CPU). Up to 15 borders it counts those below x: plain vectorised
+    compares, 2-5x faster compiled than the b steps of a binary search, whose indexed
+    loads do not vectorise. `~(x <= border)` sends NaN to the last interval, as bucketize
+    does."""
+    if borders.numel() <= COUNT_MAX_BORDERS:
+        idx = torch.zeros_like(x, dtype=torch.int64)
+        for k in range(borders.numel()):
+            idx = idx + (~(x <= borders[k])).to(torch.int64)
+        return idx
     steps = (borders.numel() + 1).bit_length() - 1
     idx = torch.zeros_like(x, dtype=torch.int64)
     for k in reversed(range(steps)):
@@ -85,10 +95,13 @@ def _setup_context(ctx, inputs, output):
     _, _, _, _, levels, bits = inputs
     ctx.bits = bits
     ctx.save_for_backward(output[1], levels)
+    ctx.set_materialize_grads(False)  # else autograd allocates a zero gradient for the codes
 
 
 def _autograd_backward(ctx, grad_y, grad_packed):
     refuse_create_graph()
+    if grad_y is None:  # only reachable with grads not materialised: nothing flows back
+        return None, None, None, None, None, None
     packed, levels = ctx.saved_tensors
     return fewbit_backward(grad_y.contiguous(), packed, levels, ctx.bits), None, None, None, None, None
 
@@ -103,6 +116,6 @@ fewbit_backward.register_autograd(no_double_backward, setup_context=lambda ctx, 
 
 # Inductor sees through both ops: their bodies are plain aten, so they fuse with neighbours.
 register_decomposition(torch.ops.fewbit_fx.fewbit_forward.default)(
-    lambda x, act, params, borders, levels, bits: _forward(x, act, params, borders, bits, _binary_search)
+    lambda x, act, params, borders, levels, bits: _forward(x, act, params, borders, bits, _interval_index)
 )
 register_decomposition(torch.ops.fewbit_fx.fewbit_backward.default)(_backward)

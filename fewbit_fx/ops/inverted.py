@@ -83,10 +83,13 @@ def _setup_context(ctx, inputs, output):
     _, ctx.act, ctx.params = inputs
     y, mask = output
     ctx.save_for_backward(y, mask)
+    ctx.set_materialize_grads(False)  # else autograd allocates a zero gradient for the codes
 
 
 def _autograd_backward(ctx, grad_y, grad_mask):
     refuse_create_graph()
+    if grad_y is None:  # only reachable with grads not materialised: nothing flows back
+        return None, None, None
     y, mask = ctx.saved_tensors
     return inverted_backward(grad_y.contiguous(), y, mask, ctx.act, ctx.params), None, None
 

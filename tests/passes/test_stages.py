@@ -280,6 +280,43 @@ def test_saves_mul_keeps_other_operand():
     assert not any(k.startswith("mul") for k in site.saves.y_kept_by), site.saves.y_kept_by
 
 
+def compiled_plan(model, x, mode="auto"):
+    """Decisions as the fewbit backend makes them (for torch.compile's partitioner)."""
+    from fewbit_fx.passes.plan import plan_graphs
+
+    graphs = capture.capture(model, (x,), {}).graphs
+    return {p.site.name: p for p in plan_graphs(graphs, mode, 3, None, compiled=True)}
+
+
+class GatedAndProjected(Gated):
+    """The gated activation's output also feeds a Linear, so it is materialized anyway."""
+
+    def __init__(self):
+        super().__init__()
+        self.side = nn.Linear(2 * D, D)
+
+    def forward(self, x):
+        y = self.act(self.gate(x))
+        return self.down(y * self.up(x)) + self.side(y)
+
+
+@pytest.mark.parametrize("mode", ["auto", "fewbit", "exact"])
+def test_compiled_plan_keeps_sites_whose_output_only_pointwise_ops_keep(mode):
+    """In a gated MLP the partitioner recomputes silu(x) for the mul: x is kept anyway."""
+    site = compiled_plan(Gated(), x_in(), mode)["act"]
+    assert site.decision.variant == "kept"
+    assert site.saves.saved_before == 0
+    assert "recomputes" in site.decision.reason and "mul" in site.decision.reason
+    # eager autograd keeps both, so optimize() still rewrites it
+    assert analyse(Gated(), x_in(), mode=mode)["act"].decision.variant != "kept"
+
+
+def test_compiled_plan_still_rewrites_when_a_matmul_keeps_the_output():
+    assert compiled_plan(ModuleMLP(), x_in())["act"].decision.variant == "inverted"
+    assert compiled_plan(GatedAndProjected(), x_in())["act"].decision.variant == "inverted"
+    assert compiled_plan(ModuleMLP(frozen_fc2=True), x_in())["act"].decision.variant == "fewbit"
+
+
 def test_saves_views_are_followed():
     site = analyse(Viewed(), x_in())["act"]
     assert any("fc2" in k for k in site.saves.y_kept_by), site.saves.y_kept_by
