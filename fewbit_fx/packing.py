@@ -36,6 +36,9 @@ def pack(codes: Tensor, bits: int) -> Tensor:
         return codes.reshape(-1).to(torch.uint8)
     groups = -(-n // 8)
     c = torch.nn.functional.pad(codes.reshape(-1).to(torch.int32), (0, groups * 8 - n)).view(groups, 8)
+    if bits == 1:  # one byte per group: a weighted sum, a third of the graph nodes
+        weights = torch.tensor([1 << i for i in range(8)], dtype=torch.int32, device=codes.device)
+        return _trim((c * weights).sum(1).to(torch.uint8), n, bits)
     out = []
     for k in range(bits):  # byte k: stream bits [8k, 8k + 8)
         terms = [_place(c[:, i], i * bits - 8 * k) for i in range(8)
@@ -44,7 +47,10 @@ def pack(codes: Tensor, bits: int) -> Tensor:
         for t in terms[1:]:
             byte = byte + t
         out.append(byte & 0xFF)
-    packed = torch.stack(out, dim=1).to(torch.uint8).reshape(-1)
+    return _trim(torch.stack(out, dim=1).to(torch.uint8).reshape(-1), n, bits)
+
+
+def _trim(packed: Tensor, n: int, bits: int) -> Tensor:
     nbytes = packed_nbytes(n, bits)
     return packed if packed.numel() == nbytes else packed[:nbytes].clone()
 
