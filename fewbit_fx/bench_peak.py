@@ -4,12 +4,8 @@ Peak = live tensor bytes counted by the profiler's memory timeline (the CPU anal
 torch.cuda.max_memory_allocated: exact and repeatable, unlike resident memory), above
 what was live before the step. The same models at their benchmark depth and deepened to
 12 blocks (copies of their own blocks), one eager step each, original and optimize().
-
-Why the ratio depends on depth for inverted activations: a step peaks early in backward.
-By then eager autograd has already freed the last block's activation output (its
-consumer's backward ran), while the inverted variant still holds that same tensor for its
-own backward, so the last block's saving is not yet realised at the peak. With L blocks
-about (L - 1) / L of the saving reaches it.
+Inverted activations keep about (blocks - 1) / blocks of their saving at the peak; the
+report (render) says why.
 
     python -m fewbit_fx.bench peak [--out reports]
 """
@@ -19,7 +15,6 @@ import argparse
 import copy
 from pathlib import Path
 
-import torch
 from tabulate import tabulate
 from torch import nn
 
