@@ -68,10 +68,12 @@ if hasattr(F, "rms_norm"):
     _NORMS.add(F.rms_norm)
 _MULS = {operator.mul, torch.mul, operator.imul}
 _DIVS = {operator.truediv, torch.div, operator.itruediv}
+_MUL_METHODS = {"mul", "mul_", "__mul__", "__rmul__"}
+_DIV_METHODS = {"div", "div_", "__truediv__"}
 _POINTWISE_KEEPERS = _MULS | _DIVS | _SAVE_INPUT_FUNCS | {torch.exp, torch.sqrt, torch.rsqrt,
                                                           torch.reciprocal, torch.special.expit}
-_POINTWISE_KEEPER_METHODS = {"mul", "mul_", "__mul__", "__rmul__", "div", "div_", "__truediv__",
-                             "exp", "sqrt", "rsqrt", "reciprocal"} | _SAVE_INPUT_METHODS
+_POINTWISE_KEEPER_METHODS = _MUL_METHODS | _DIV_METHODS | _SAVE_INPUT_METHODS | {
+    "exp", "sqrt", "rsqrt", "reciprocal"}
 
 
 def _rg(arg) -> bool:
@@ -116,10 +118,10 @@ def saved_inputs(node: fx.Node) -> tuple[list[fx.Node], bool]:
         return [a for a in args[:2] if isinstance(a, fx.Node)], True  # input and weight
     if t in _NORMS:
         return [args[0]], True
-    if t in _MULS or m in ("mul", "mul_", "__mul__", "__rmul__"):
+    if t in _MULS or m in _MUL_METHODS:
         a, b = args[0], args[1]
         return [n for n, other in ((a, b), (b, a)) if isinstance(n, fx.Node) and _rg(other)], True
-    if t in _DIVS or m in ("div", "div_", "__truediv__"):
+    if t in _DIVS or m in _DIV_METHODS:
         a, b = args[0], args[1]
         out = [b] if isinstance(b, fx.Node) else []
         if isinstance(b, fx.Node) and _rg(b) and isinstance(a, fx.Node):
