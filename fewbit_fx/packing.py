@@ -62,10 +62,11 @@ def _place(code: Tensor, shift: int) -> Tensor:
 def unpack(packed: Tensor, bits: int, numel: int) -> Tensor:
     """Inverse of `pack`: the first `numel` codes as a flat uint8 tensor.
 
-    Code i is read from the byte holding its first bit (and the next byte when it straddles
-    two) by indexed loads: pointwise in i, so Inductor fuses it into the consumer's loop and
-    never materialises the codes (a grouped form did, as int32: 4 bytes per element
-    allocated in backward, at the step's peak)."""
+    Code i is read from the byte holding its first bit and, when bits does not divide 8,
+    the byte holding its last (the same byte again for a code that does not straddle; its
+    copy then shifts out of the mask): pointwise in i, and both bytes always exist. Never
+    a grouped form, which Inductor materialised as int32 codes, 4 bytes per element at the
+    step's peak. Under Inductor, fewbit_fx.ops.unpack lowers this to affine loads."""
     check_bits(bits)
     if bits == 8:
         return packed[:numel]
@@ -73,7 +74,6 @@ def unpack(packed: Tensor, bits: int, numel: int) -> Tensor:
     pos = torch.arange(numel, device=packed.device, dtype=index_dtype) * bits
     first = pos >> 3
     word = packed[first].to(torch.int32)
-    if 8 % bits:  # a code may continue into the next byte (which exists whenever it does)
-        nxt = torch.clamp(first + 1, max=max(packed.numel() - 1, 0))
-        word = word + packed[nxt].to(torch.int32) * 256
+    if 8 % bits:
+        word = word + packed[(pos + (bits - 1)) >> 3].to(torch.int32) * 256
     return ((word >> (pos & 7).to(torch.int32)) & ((1 << bits) - 1)).to(torch.uint8)

@@ -13,7 +13,8 @@ from fewbit_fx.kernels import cpu as cpu_kernels
 from fewbit_fx.ops._common import (
     check_input, chunkable, chunks, compare_dtype, no_double_backward, refuse_create_graph,
 )
-from fewbit_fx.packing import pack, packed_nbytes, unpack
+from fewbit_fx.ops.unpack import unpack
+from fewbit_fx.packing import pack, packed_nbytes
 
 
 @torch.library.custom_op("fewbit_fx::fewbit_forward", mutates_args=())
