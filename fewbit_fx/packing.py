@@ -66,7 +66,7 @@ def unpack(packed: Tensor, bits: int, numel: int) -> Tensor:
     the byte holding its last (the same byte again for a code that does not straddle; its
     copy then shifts out of the mask): pointwise in i, and both bytes always exist. Never
     a grouped form, which Inductor materialised as int32 codes, 4 bytes per element at the
-    step's peak. Under Inductor, fewbit_fx.ops.unpack lowers this to affine loads."""
+    step's peak. Under Inductor, fewbit_fx.ops.unpack lowers this to check-free loads."""
     check_bits(bits)
     if bits == 8:
         return packed[:numel]
