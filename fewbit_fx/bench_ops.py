@@ -8,11 +8,15 @@ All variants of one (activation, dtype, size) run interleaved in one process, so
 times are CUDA-event wall times and the table also gives achieved bandwidth as a share of
 the device's measured copy bandwidth, counting each input read once and each output
 written once. On the CPU torch runs on one thread (--threads) and the clock is that
-thread's CPU time, which other processes on a shared machine cannot inflate.
+thread's CPU time, which other processes on a shared machine cannot inflate; glibc is
+told to keep freed memory (as CUDA's caching allocator does), since the page faults of
+fresh allocations count in that time and made medians swing 2x between processes.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
 import statistics
@@ -83,6 +87,18 @@ class _Clock:
         t0 = self.now()
         out = fn()
         return float(self.now() - t0), out
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc reuse freed blocks instead of returning them to the OS (mallopt), so a
+    timed call does not page-fault in its output. False where that is not available."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+        return all(libc.mallopt(opt, value) == 1 for opt, value in (
+            (m_mmap_threshold, 32 << 20), (m_trim_threshold, 1 << 30), (m_top_pad, 64 << 20)))
+    except (OSError, AttributeError):
+        return False
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 28, repeats: int = 10) -> float:
@@ -167,7 +183,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="log2 of the element counts (default 20,24 on CUDA, 20 on CPU)")
     p.add_argument("--dtypes", default="fp32,bf16", help=f"from {','.join(_DTYPES)}")
     p.add_argument("--bits", default="1,3,4", help="FewBit widths")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 20 CUDA, 5 CPU)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 20 CUDA, 15 CPU)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="CPU only: torch threads (1: CPU-time clock)")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
@@ -180,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = device.type == "cuda"
     if not cuda:
         torch.set_num_threads(a.threads)
+        keep_freed_memory()
     kernels = ("Inductor-compiled C++ kernels (fewbit_fx.kernels.cpu) at 64K+ elements"
                if os.environ.get("FEWBIT_FX_CPU_KERNELS", "1") != "0" else "torch ops")
     if cuda:
@@ -187,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
         kernels = "Triton kernels" if register_cuda_kernels() else "torch ops (no Triton)"
     sizes = [1 << int(s) for s in (a.sizes or ("20,24" if cuda else "20")).split(",")]
-    repeats = a.repeats or (20 if cuda else 5)
+    repeats = a.repeats or (20 if cuda else 15)
     bits_list = [int(b) for b in a.bits.split(",") if b]
     acts = [get(name) for name in a.acts.split(",")]
 

@@ -1,0 +1,29 @@
+import json
+import platform
+
+import pytest
+
+from fewbit_fx import bench_ops
+
+
+def test_small_run_writes_every_variant(tmp_path, capsys):
+    out = tmp_path / "ops.json"
+    assert bench_ops.main(["--acts", "gelu,relu", "--dtypes", "fp32", "--sizes", "12",
+                           "--bits", "1,3", "--repeats", "2", "--warmup", "0", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["meta"]["clock"] == "thread cpu time" and data["meta"]["repeats"] == 2
+    rows = data["rows"]
+    assert [(r["act"], r["variant"]) for r in rows] == [
+        (act, v) for act in ("gelu", "relu") for v in ("plain", "fewbit1", "fewbit3", "inverted")]
+    for r in rows:
+        assert r["numel"] == 4096 and r["fwd_ns_per_elem"] > 0 and r["bwd_ns_per_elem"] > 0
+        if r["variant"] == "plain":
+            assert r["fwd_ratio"] == r["bwd_ratio"] == r["total_ratio"] == 1.0
+    printed = capsys.readouterr().out
+    assert "fewbit3" in printed and "inverted" in printed
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="mallopt is glibc's")
+def test_keep_freed_memory_on_glibc():
+    assert bench_ops.keep_freed_memory()
