@@ -182,3 +182,35 @@ def test_gated_mlp_is_left_alone_and_saves_what_the_default_saves(mode):
     ours = step(compiled(model, be), x)
     assert [p.decision.variant for plan in be.plans for p in plan] == ["kept"]
     assert sorted(ours.storages.values()) == sorted(default.storages.values())
+
+
+class NormThenAct(nn.Module):
+    """conv-BatchNorm-act-conv (CNNs) or linear-LayerNorm-act-linear."""
+
+    def __init__(self, act, conv: bool):
+        super().__init__()
+        if conv:
+            self.a, self.norm, self.b = nn.Conv2d(4, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Conv2d(16, 4, 1)
+        else:
+            self.a, self.norm, self.b = nn.Linear(8, 32), nn.LayerNorm(32), nn.Linear(32, 8)
+        self.act = act
+
+    def forward(self, x):
+        return self.b(self.act(self.norm(self.a(x))))
+
+
+@pytest.mark.parametrize("conv, act", [(True, nn.SiLU()), (True, nn.ReLU6()), (False, nn.GELU())])
+def test_activation_after_a_norm_is_left_alone_and_saves_what_the_default_saves(conv, act):
+    """The partitioner recomputes a norm's output from the norm's input, which it keeps: the
+    activation's input costs nothing under the compiler, so a rewrite could only add."""
+    model = NormThenAct(act, conv)
+    x = torch.randn(2, 4, 8, 8) if conv else torch.randn(16, 8)
+    default = step(compiled(model, "inductor"), x)
+    be = fewbit_fx.backend(mode="exact", strict=True)
+    ours = step(compiled(model, be), x)
+    [[site]] = be.plans
+    assert site.decision.variant == "kept" and "norm" in site.decision.reason
+    assert sorted(ours.storages.values()) == sorted(default.storages.values())
+    # eager autograd keeps the norm's output for the activation, so optimize() rewrites it
+    eager = fewbit_fx.report(model, example_inputs=(x,), mode="exact", measure=False)
+    assert [r.variant for r in eager.rows] == ["inverted"]
