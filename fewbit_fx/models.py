@@ -334,12 +334,19 @@ _SIZE_ATTRS = {  # catalog size field -> config attribute names used by various 
 }
 
 
+def _random_drop(attr: str) -> bool:
+    """Config fields of random drops (dropout, drop path / drop connect, layer drop), which
+    would make two runs of the same step differ."""
+    return any(k in attr for k in ("dropout", "drop_path", "drop_connect", "layerdrop")) or attr.endswith("pdrop")
+
+
 def build_hf(model_type: str, scale: str = "tiny", seed: int = 0) -> tuple[nn.Module, tuple, dict]:
     """Any Hugging Face architecture by config `model_type` (e.g. "gpt2", "opt", "phi"),
     random weights from its default config resized to `scale` ("base" keeps the config's
-    own sizes), dropout 0, no cache, in train mode. Nothing is downloaded. Inputs are
-    `input_ids` (or `pixel_values` for vision configs). Best effort: an architecture whose
-    config uses other size names keeps its defaults for those."""
+    own sizes), dropout, stochastic depth and layer drop 0, no cache, in train mode.
+    Nothing is downloaded. Inputs are `input_ids` (or `pixel_values` for vision configs).
+    Best effort: an architecture whose config uses other size names keeps its defaults
+    for those."""
     from transformers import AutoConfig, AutoModel
 
     s = _check_scale(scale)
@@ -358,7 +365,7 @@ def build_hf(model_type: str, scale: str = "tiny", seed: int = 0) -> tuple[nn.Mo
             if isinstance(getattr(cfg, attr, None), int):
                 setattr(cfg, attr, min(getattr(cfg, attr), s.vocab - 1))
     for attr in list(cfg.to_dict()):
-        if ("dropout" in attr or attr.endswith("pdrop")) and isinstance(getattr(cfg, attr, None), float):
+        if _random_drop(attr) and isinstance(getattr(cfg, attr, None), float):
             setattr(cfg, attr, 0.0)
     if hasattr(cfg, "use_cache"):
         cfg.use_cache = False
