@@ -374,10 +374,14 @@ def build_hf(model_type: str, scale: str = "tiny", seed: int = 0) -> tuple[nn.Mo
         torch.manual_seed(seed)
         model = AutoModel.from_config(cfg)
     model.train()
-    if hasattr(cfg, "image_size") and hasattr(cfg, "num_channels"):
-        size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
+    if hasattr(cfg, "num_channels") and not hasattr(cfg, "vocab_size"):  # a vision model
+        size = getattr(cfg, "image_size", _CNN_IMAGE[scale])  # CNN configs name no size
+        size = size if isinstance(size, int) else size[0]
         return model, (), {"pixel_values": _randn(s.batch, cfg.num_channels, size, size)}
     return model, (), {"input_ids": _ids(s, cfg.vocab_size)}
+
+
+_CNN_IMAGE = {"tiny": 32, "small": 64, "base": 224}
 
 
 __all__ = ["build", "build_hf", "names", "describe", "SCALES", "HF_MODELS"]

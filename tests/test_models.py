@@ -24,3 +24,10 @@ def test_random_drop_names():
         assert models._random_drop(name)
     for name in ("hidden_size", "layer_norm_eps", "initializer_range"):
         assert not models._random_drop(name)
+
+
+@pytest.mark.skipif(not HAS_HF, reason="needs transformers")
+def test_build_hf_feeds_images_to_cnn_configs_without_an_image_size():
+    model, args, kwargs = models.build_hf("resnet", "tiny")
+    assert list(kwargs) == ["pixel_values"] and kwargs["pixel_values"].shape[1:] == (3, 32, 32)
+    model(*args, **kwargs)  # runs
