@@ -334,6 +334,9 @@ _SIZE_ATTRS = {  # catalog size field -> config attribute names used by various 
 }
 
 
+_CNN_IMAGE = {"tiny": 32, "small": 64, "base": 224}  # for CNN configs that name no image size
+
+
 def _random_drop(attr: str) -> bool:
     """Config fields of random drops (dropout, drop path / drop connect, layer drop), which
     would make two runs of the same step differ."""
@@ -374,14 +377,12 @@ def build_hf(model_type: str, scale: str = "tiny", seed: int = 0) -> tuple[nn.Mo
         torch.manual_seed(seed)
         model = AutoModel.from_config(cfg)
     model.train()
-    if hasattr(cfg, "num_channels") and not hasattr(cfg, "vocab_size"):  # a vision model
-        size = getattr(cfg, "image_size", _CNN_IMAGE[scale])  # CNN configs name no size
+    # a vision model: an image size (BEiT also has a vocab_size), or a CNN that names none
+    if hasattr(cfg, "num_channels") and (hasattr(cfg, "image_size") or not hasattr(cfg, "vocab_size")):
+        size = getattr(cfg, "image_size", _CNN_IMAGE[scale])
         size = size if isinstance(size, int) else size[0]
         return model, (), {"pixel_values": _randn(s.batch, cfg.num_channels, size, size)}
     return model, (), {"input_ids": _ids(s, cfg.vocab_size)}
-
-
-_CNN_IMAGE = {"tiny": 32, "small": 64, "base": 224}
 
 
 __all__ = ["build", "build_hf", "names", "describe", "SCALES", "HF_MODELS"]

@@ -16,6 +16,7 @@ def test_build_hf_zeroes_every_random_drop():
     drops = {k: v for k, v in cfg.items() if models._random_drop(k) and isinstance(v, float)}
     assert "drop_path_rate" in drops and set(drops.values()) == {0.0}
     assert model.training
+    assert list(kwargs) == ["pixel_values"]  # an image model, though its config has a vocab_size
 
 
 def test_random_drop_names():
