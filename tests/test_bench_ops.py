@@ -1,15 +1,22 @@
+"""bench-ops sets process-wide state (torch threads, glibc's allocator), so it runs in a
+child process here, as it does in `python -m fewbit_fx bench`."""
 import json
 import platform
+import subprocess
+import sys
 
 import pytest
 
-from fewbit_fx import bench_ops
+
+def _child(tmp_path, *args: str) -> str:
+    res = subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, check=True)
+    return res.stdout
 
 
-def test_small_run_writes_every_variant(tmp_path, capsys):
+def test_small_run_writes_every_variant(tmp_path):
     out = tmp_path / "ops.json"
-    assert bench_ops.main(["--acts", "gelu,relu", "--dtypes", "fp32", "--sizes", "12",
-                           "--bits", "1,3", "--repeats", "2", "--warmup", "0", "--json", str(out)]) == 0
+    printed = _child(tmp_path, "-m", "fewbit_fx", "bench-ops", "--acts", "gelu,relu", "--dtypes", "fp32",
+                     "--sizes", "12", "--bits", "1,3", "--repeats", "2", "--warmup", "0", "--json", str(out))
     data = json.loads(out.read_text())
     assert data["meta"]["clock"] == "thread cpu time" and data["meta"]["repeats"] == 2
     rows = data["rows"]
@@ -19,11 +26,10 @@ def test_small_run_writes_every_variant(tmp_path, capsys):
         assert r["numel"] == 4096 and r["fwd_ns_per_elem"] > 0 and r["bwd_ns_per_elem"] > 0
         if r["variant"] == "plain":
             assert r["fwd_ratio"] == r["bwd_ratio"] == r["total_ratio"] == 1.0
-    printed = capsys.readouterr().out
     assert "fewbit3" in printed and "inverted" in printed
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                     reason="mallopt is glibc's")
-def test_keep_freed_memory_on_glibc():
-    assert bench_ops.keep_freed_memory()
+def test_keep_freed_memory_on_glibc(tmp_path):
+    assert _child(tmp_path, "-c", "from fewbit_fx import bench_ops; print(bench_ops.keep_freed_memory())").strip() == "True"
