@@ -1,6 +1,7 @@
 """optimize() and report(): the pipeline model -> capture -> sites -> decisions -> rewrite/report."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from dataclasses import dataclass
@@ -10,10 +11,10 @@ from torch import nn
 
 from fewbit_fx import calibration
 from fewbit_fx._state import preserved_state
-from fewbit_fx.measure import saved_bytes
+from fewbit_fx.measure import allocated_peak, saved_bytes
 from fewbit_fx.nn import REFIT_EVERY, REFIT_INTERVAL_CAP, FewBit
 from fewbit_fx.packing import check_bits
-from fewbit_fx.passes import capture, decide, rewrite
+from fewbit_fx.passes import capture, decide, detect, rewrite
 from fewbit_fx.passes.plan import plan_graphs
 from fewbit_fx.report import Report, Row
 
@@ -23,6 +24,7 @@ class Plan:
     planned: list[rewrite.Planned]
     mode: str
     bits: int
+    unrecognised: list[str]  # activation-like modules that are not sites, with why
 
 
 def plan(model: nn.Module, args: tuple, kwargs: dict, mode: str, bits: int,
@@ -31,7 +33,9 @@ def plan(model: nn.Module, args: tuple, kwargs: dict, mode: str, bits: int,
     decide.check_mode(mode)
     check_bits(bits)
     cap = capture.capture(model, args, kwargs)
-    return Plan(plan_graphs(cap.graphs, mode, bits, overrides), mode, bits)
+    planned = plan_graphs(cap.graphs, mode, bits, overrides)
+    graphs, _ = capture.with_checkpointed_regions(cap.graphs)
+    return Plan(planned, mode, bits, detect.unrecognised_activations(graphs, [p.site for p in planned]))
 
 
 def _inputs(example_inputs, example_kwargs) -> tuple[tuple, dict]:
@@ -143,6 +147,9 @@ def report(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode: 
     if measure:
         rep.measured_before = measure_step(model, args, kwargs)
         rep.measured_after = measure_step(rewritten, args, kwargs)
+        if any(r.checkpointed for r in rep.rows):  # their saving shows at the peak only
+            rep.peak_before = measure_peak(model, args, kwargs)
+            rep.peak_after = measure_peak(rewritten, args, kwargs)
     return rep
 
 
@@ -157,8 +164,19 @@ def _report_from(p: Plan, failures: dict[tuple, str], fits: dict | None, tables:
             reason = f"{reason}; {fits[s.rewrite_key].describe()}"
         v = capture.example_value(s.output)
         rows.append(Row(s.name, str(s.activation), variant, reason, tuple(v.shape),
-                        str(v.dtype).replace("torch.", ""), before, after))
-    return Report(rows, p.mode, p.bits, notes=_table_notes(p, fits, tables))
+                        str(v.dtype).replace("torch.", ""), before, after, s.checkpointed))
+    return Report(rows, p.mode, p.bits, notes=_checkpoint_notes(rows) + _table_notes(p, fits, tables) + p.unrecognised)
+
+
+def _checkpoint_notes(rows: list[Row]) -> list[str]:
+    inside = sum(r.checkpointed for r in rows)
+    if not inside:
+        return []
+    return [f"{inside} of {len(rows)} sites are inside activation-checkpointed regions "
+            "(torch.utils.checkpoint): their tensors are saved only while backward recomputes "
+            "their region, so rewriting them can lower the step's peak but not the bytes saved "
+            "across the step; by how much depends on what else the region keeps at its peak "
+            "(the measured peak line)"]
 
 
 def _table_notes(p: Plan, fits: dict | None, tables: str) -> list[str]:
@@ -180,15 +198,56 @@ def _table_notes(p: Plan, fits: dict | None, tables: str) -> list[str]:
 
 
 def measure_step(model: nn.Module, args: tuple, kwargs: dict) -> int:
-    """Saved bytes of one forward+backward (parameters and buffers excluded), no side effects."""
-    params = [q for q in model.parameters() if q.requires_grad]
-    with preserved_state(model), torch.enable_grad():
+    """Saved bytes of one forward+backward (parameters and buffers excluded), no side effects.
+
+    A plain backward() runs the step (torch.autograd.grad is refused by reentrant
+    checkpointing); the gradients it leaves are put back as they were.
+    """
+    with preserved_state(model), torch.enable_grad(), _gradients_restored(model, args, kwargs):
         record = saved_bytes(lambda: scalar_loss(model(*args, **kwargs)),
                              exclude=list(model.parameters()) + list(model.buffers()))
         if record.loss.requires_grad:
-            inputs = params or [t for t in args if isinstance(t, torch.Tensor) and t.requires_grad]
-            torch.autograd.grad(record.loss, inputs, allow_unused=True)
+            record.loss.backward()
     return record.bytes
+
+
+def measure_peak(model: nn.Module, args: tuple, kwargs: dict) -> int:
+    """Most bytes of tensors allocated during one forward+backward that are live at once
+    (CUDA: torch.cuda.max_memory_allocated above the start; CPU: the profiler's allocator
+    timeline), after a warm-up step; no side effects."""
+    def step():
+        loss = scalar_loss(model(*args, **kwargs))
+        if loss.requires_grad:
+            loss.backward()
+
+    with preserved_state(model), torch.enable_grad(), _gradients_restored(model, args, kwargs):
+        step()  # warm-up: first-call allocations and kernel builds stay out of the figure
+        for t in [*model.parameters(), *args, *kwargs.values()]:
+            if isinstance(t, torch.Tensor):
+                t.grad = None
+        cuda = next((t.device for t in model.parameters() if t.is_cuda), None)
+        if cuda is None:
+            return allocated_peak(step).bytes
+        torch.cuda.synchronize(cuda)
+        torch.cuda.reset_peak_memory_stats(cuda)
+        base = torch.cuda.memory_allocated(cuda)
+        step()
+        torch.cuda.synchronize(cuda)
+        return torch.cuda.max_memory_allocated(cuda) - base
+
+
+@contextlib.contextmanager
+def _gradients_restored(model: nn.Module, args: tuple, kwargs: dict):
+    leaves = [t for t in [*model.parameters(), *args, *kwargs.values()]
+              if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = [t.grad for t in leaves]
+    for t in leaves:
+        t.grad = None
+    try:
+        yield
+    finally:
+        for t, g in zip(leaves, grads):
+            t.grad = g
 
 
 def float_tensors(output) -> list[torch.Tensor]:

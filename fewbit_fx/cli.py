@@ -32,6 +32,11 @@ def cmd_report(a) -> int:
     import fewbit_fx
 
     model, args, kwargs = load_model(a.model, a.scale)
+    if a.checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise SystemExit(f"--checkpointing needs a Hugging Face model (one with "
+                             f"gradient_checkpointing_enable); {type(model).__name__} has none")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     overrides = dict(o.split("=", 1) for o in a.override)
     t = time.perf_counter()
     rep = fewbit_fx.report(model, example_inputs=args, example_kwargs=kwargs, mode=a.mode,
@@ -97,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--no-measure", action="store_true", help="skip the measured step")
             s.add_argument("--compiled", action="store_true",
                            help="compare torch.compile's default with the fewbit backend")
+            s.add_argument("--checkpointing", action="store_true",
+                           help="turn on the model's gradient checkpointing first (Hugging Face)")
         s.set_defaults(fn=fn)
     sub.add_parser("bench-ops", help="micro-benchmark of the ops against plain activations",
                    add_help=False)

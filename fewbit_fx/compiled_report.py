@@ -80,8 +80,12 @@ def compiled_report(model: nn.Module, *, example_inputs=None, example_kwargs=Non
 
     def fewbit_backend(gm, ex):
         planned = plan_graph(gm, mode, bits, overrides)
-        gs = saves.analyse_graph(gm.graph)
-        names = {p.site.name: _site_names(p.site, gs) for p in planned}
+        analysed = {}  # per graph: a site may sit in a checkpointed region's own graph
+        for p in planned:
+            g = p.site.output.graph
+            if g not in analysed:
+                analysed[g] = saves.analyse_graph(g)
+        names = {p.site.name: _site_names(p.site, analysed[p.site.output.graph]) for p in planned}
         before = {n.name for n in gm.graph.nodes}
         rewrite_graph(gm, planned)
         for p in planned:  # the rewrite's new nodes belong to the site they replaced
@@ -105,7 +109,8 @@ def compiled_report(model: nn.Module, *, example_inputs=None, example_kwargs=Non
             after = _bytes_from(fewbit_rec, gi, names, p.site.module_path)
             v = p.site.output.meta.get("example_value")
             rows.append(Row(p.site.name, str(p.site.activation), p.decision.label, p.decision.reason,
-                            tuple(v.shape), str(v.dtype).replace("torch.", ""), before, after))
+                            tuple(v.shape), str(v.dtype).replace("torch.", ""), before, after,
+                            p.site.checkpointed))
     rep = Report(rows, mode, bits, measured_before=measured[0], measured_after=measured[1])
     rep.notes.append("compiled: 'before' is torch.compile's default, 'after' the fewbit backend, "
                      "both read from the partitioned graphs (backward-graph inputs)")

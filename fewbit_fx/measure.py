@@ -60,7 +60,7 @@ def training_step_saved_bytes(model: torch.nn.Module, loss_fn: Callable[[], Tens
 class AllocatedPeak:
     """Peak of live tensor bytes during a step, as the CPU allocator saw it."""
 
-    bytes: int        # above the bytes live when the step began
+    bytes: int        # of tensors allocated in the step (earlier ones and their frees not counted)
     where: str        # "forward: <op>" or "backward: <autograd node>"
 
 
@@ -71,20 +71,31 @@ def allocated_peak(step: Callable[[], None]) -> AllocatedPeak:
     process's resident memory, so it is exact and repeatable on CPU and names the op that
     was running at the peak.
     """
+    import gc
+
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import Action, MemoryProfileTimeline
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                 with_stack=True) as prof:
-        step()
+    # Garbage from earlier steps (reference cycles, as checkpointing makes) would otherwise
+    # be freed whenever the collector happens to run inside the step.
+    gc.collect()
+    gc.disable()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            step()
+    finally:
+        gc.enable()
     live = peak = 0
     peak_t = 0
+    created = set()
     for t, action, (key, _), nbytes in MemoryProfileTimeline(prof._memory_profile()).timeline:
-        if key.device.type != "cpu" or action == Action.PREEXISTING:
-            continue  # what was live before the step is the baseline
+        if key.device.type != "cpu":
+            continue
         if action == Action.CREATE:
+            created.add(key)
             live += nbytes
-        elif action == Action.DESTROY:
+        elif action == Action.DESTROY and key in created:  # what was live before is the baseline
             live -= nbytes
         if live > peak:
             peak, peak_t = live, t

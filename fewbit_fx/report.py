@@ -17,6 +17,7 @@ class Row:
     dtype: str
     saved_before: int
     saved_after: int
+    checkpointed: bool = False  # inside an activation-checkpointed region
 
 
 @dataclass
@@ -29,6 +30,8 @@ class Report:
     bits: int
     measured_before: int | None = None
     measured_after: int | None = None
+    peak_before: int | None = None   # measured for models with checkpointed sites
+    peak_after: int | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -49,6 +52,7 @@ class Report:
             "rows": [asdict(r) for r in self.rows],
             "total_before": self.total_before, "total_after": self.total_after,
             "measured_before": self.measured_before, "measured_after": self.measured_after,
+            "peak_before": self.peak_before, "peak_after": self.peak_after,
             "notes": self.notes,
         }
 
@@ -70,6 +74,12 @@ class Report:
                 f"measured, one training step (all saved tensors, parameters excluded): "
                 f"{_mib(self.measured_before)} -> {_mib(self.measured_after)} "
                 f"({_pct(self.measured_after, self.measured_before)})"
+            )
+        if self.peak_before is not None:
+            lines.append(
+                f"measured peak of one training step (tensor bytes live at once): "
+                f"{_mib(self.peak_before)} -> {_mib(self.peak_after)} "
+                f"({_pct(self.peak_after, self.peak_before)})"
             )
         lines += self.notes
         return "\n".join(lines)

@@ -77,5 +77,34 @@ def innermost_module(node: fx.Node) -> tuple[str, type] | None:
     return module_path(path), cls
 
 
+_CHECKPOINT = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
+
+
+def with_checkpointed_regions(graphs: list[fx.GraphModule]) -> tuple[list[fx.GraphModule], set[int]]:
+    """The graphs, each followed by the bodies of the activation-checkpointed regions it
+    calls (torch.utils.checkpoint, which Dynamo traces as a tag_activation_checkpoint call
+    of a subgraph; nested ones too), and the positions of those bodies in the list.
+
+    A checkpointed layer's own ops live only in such a body, so without it the layer's
+    activations would go unseen.
+    """
+    out: list[fx.GraphModule] = []
+    bodies: set[int] = set()
+
+    def add(gm: fx.GraphModule, is_body: bool) -> None:
+        if is_body:
+            bodies.add(len(out))
+        out.append(gm)
+        for node in gm.graph.nodes:
+            if _CHECKPOINT is not None and node.op == "call_function" and node.target is _CHECKPOINT:
+                body = getattr(gm, node.args[0].target, None)
+                if isinstance(body, fx.GraphModule):
+                    add(body, True)
+
+    for gm in graphs:
+        add(gm, False)
+    return out, bodies
+
+
 def example_value(node: fx.Node):
     return node.meta.get("example_value", node.meta.get("val"))

@@ -8,11 +8,12 @@ capture and the compiler backend.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import fx
+from torch import fx, nn
 
 from fewbit_fx import activations
 from fewbit_fx.activations import Activation
@@ -75,6 +76,7 @@ class Site:
     module_path: str | None       # the activation module itself, for module sites
     occurrence: int = 0           # functional sites: index among the owner's activation calls
     inplace: bool = False
+    checkpointed: bool = False    # inside an activation-checkpointed region
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -117,10 +119,13 @@ def activation_of_node(node: fx.Node) -> tuple[Activation, bool] | None:
         return None  # e.g. a parameter given as a tensor: leave the call alone
 
 
-def find_sites(graphs: list[fx.GraphModule]) -> list[Site]:
+def find_sites(graphs: list[fx.GraphModule], checkpointed: set[int] = frozenset()) -> list[Site]:
+    """Every site in `graphs`, in graph order; `checkpointed`: indices of graphs that are
+    bodies of activation-checkpointed regions (capture.with_checkpointed_regions)."""
     sites: list[Site] = []
     occurrences: dict[str, int] = {}
     for gi, gm in enumerate(graphs):
+        first = len(sites)
         for group, owner in _module_groups(gm.graph):
             site = _module_site(group, owner, gi)
             if site is not None:
@@ -137,6 +142,8 @@ def find_sites(graphs: list[fx.GraphModule]) -> list[Site]:
             occurrences[owner] = k + 1
             act, inplace = found
             sites.append(Site(act, [node], node.args[0], gi, owner, None, k, inplace))
+        for site in sites[first:]:
+            site.checkpointed = gi in checkpointed
     return sites
 
 
@@ -193,3 +200,76 @@ def _activation_module_class(cls: type, n_nodes: int) -> str | None:
 
 def _is_tensor_node(arg) -> bool:
     return isinstance(arg, fx.Node) and isinstance(example_value(arg), torch.Tensor)
+
+
+# torch.nn modules of the same family that the ops do not cover, and why.
+_UNSUPPORTED_TORCH: dict[type, str] = {
+    nn.PReLU: "its slope is a learned parameter",
+    nn.RReLU: "its slope is random in training",
+    nn.Threshold: "not a supported activation",
+    nn.Softshrink: "not a supported activation",
+    nn.Hardshrink: "not a supported activation",
+    nn.GLU: "it gates one half of its input by the other (two inputs, not one)",
+}
+_LOOKS_LIKE_AN_ACTIVATION = re.compile(
+    r"gelu|silu|swish|mish|sigmoid|tanh|relu|softplus|softsign|activation", re.IGNORECASE)
+
+
+def unrecognised_activations(graphs: list[fx.GraphModule], sites: list[Site]) -> list[str]:
+    """Calls of modules that look like activations but hold no site, one line per class
+    with the reason, so a report never passes over them in silence (Bloom's GELU is a
+    custom autograd.Function, for one). "Look like": torch.nn's other activations, any
+    Hugging Face activation class, or a module named like one that calls no other module."""
+    covered = {path for site in sites for n in site.nodes for path, _ in _scopes(n)}
+    found: dict[type, dict[str, bool]] = {}  # class -> {path: runs an autograd.Function}
+    parents: set[str] = set()  # paths of modules that call other modules
+    for gm in graphs:
+        for node in gm.graph.nodes:
+            if node.op not in ("call_function", "call_method"):
+                continue
+            scopes = _scopes(node)
+            parents.update(path for path, _ in scopes[:-1])
+            for path, cls in scopes:
+                if path not in covered and _looks_like_an_activation(cls):
+                    custom = "autograd_function_apply" in str(node.target)
+                    paths = found.setdefault(cls, {})
+                    paths[path] = paths.get(path, False) or custom
+    lines = []
+    for cls, paths in found.items():
+        if not _known_activation_family(cls):
+            paths = {p: c for p, c in paths.items() if p not in parents}
+        if not paths:
+            continue
+        names = sorted(paths, key=_natural)
+        shown = ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
+        if cls in _UNSUPPORTED_TORCH:
+            lines.append(f"not rewritten: {cls.__name__} at {shown}: {_UNSUPPORTED_TORCH[cls]}")
+            continue
+        if any(paths.values()):
+            why = "it runs a custom torch.autograd.Function, whose backward fewbit-fx cannot replace"
+        else:
+            why = "its forward is not one of the supported activations"
+        lines.append(f"not rewritten: {cls.__name__} at {shown}: {why}. If it computes a supported "
+                     "activation, use that torch.nn module instead (README: Supported activations)")
+    return lines
+
+
+def _scopes(node: fx.Node) -> list[tuple[str, type]]:
+    """(module path, class) of every module the node was traced in, outermost first."""
+    from fewbit_fx.passes.capture import module_path
+
+    return [(module_path(path), cls) for path, cls in (node.meta.get("nn_module_stack") or {}).values()]
+
+
+def _known_activation_family(cls: type) -> bool:
+    return cls in _UNSUPPORTED_TORCH or cls.__module__.startswith("transformers.activations")
+
+
+def _looks_like_an_activation(cls: type) -> bool:
+    if not isinstance(cls, type) or _activation_module_class(cls, 1) is not None:
+        return False
+    return _known_activation_family(cls) or bool(_LOOKS_LIKE_AN_ACTIVATION.search(cls.__name__))
+
+
+def _natural(path: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]

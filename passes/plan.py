@@ -2,19 +2,35 @@
 compiler's graph), including one variant per module that several sites share."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import fx
 
-from fewbit_fx.passes import decide, detect, saves
+from fewbit_fx.passes import capture, decide, detect, saves
 from fewbit_fx.passes.rewrite import Planned
+
+RECOMPUTED = ("inside an activation-checkpointed region: torch.compile recomputes the region "
+              "in backward and saves nothing of it")
 
 
 def plan_graphs(graphs: list[fx.GraphModule], mode: str, bits: int,
                 overrides: dict[str, str] | None, compiled: bool = False) -> list[Planned]:
-    """`compiled`: plan for torch.compile's partitioner instead of eager autograd."""
+    """`compiled`: plan for torch.compile's partitioner instead of eager autograd.
+
+    Sites inside activation-checkpointed regions are planned on the region's own graph.
+    Eager, the region's saved tensors live while backward recomputes it, so a rewrite can
+    lower the step's peak (decide); compiled, the partitioner recomputes the whole region
+    and saves none of it, so such sites are kept.
+    """
+    graphs, bodies = capture.with_checkpointed_regions(graphs)
     graph_saves = [saves.analyse_graph(gm.graph) for gm in graphs]
     planned = []
-    for site in detect.find_sites(graphs):
+    for site in detect.find_sites(graphs, bodies):
         sv = saves.analyse_site(site, graph_saves[site.graph_index], compiled)
+        if compiled and site.checkpointed:
+            planned.append(Planned(site, replace(sv, saved_before=0),
+                                   decide.Decision("kept", None, 0, RECOMPUTED)))
+            continue
         planned.append(Planned(site, sv, decide.decide(site, sv, *decide.site_mode(site, mode, bits, overrides))))
     return _agree_per_key(planned)
 

@@ -33,3 +33,14 @@ def test_blocks_needs_a_module_list():
 
     with pytest.raises(ValueError, match="ModuleList"):
         bench_peak.blocks(nn.Linear(2, 2))
+
+
+def test_checkpointed_rows_measure_the_peak_and_render():
+    rows = bench_peak.checkpointed_rows(["bert"], "tiny", modes=("auto", "fewbit"))
+    by_mode = {r["mode"]: r for r in rows}
+    # BERT's GELU is one op: auto leaves it alone inside checkpointed layers. (Few-bit's
+    # drop needs longer tensors than tiny's: tests/passes/test_checkpointed.py measures it.)
+    assert by_mode["auto"]["peak_after"] == by_mode["auto"]["peak_before"] > 0
+    assert by_mode["fewbit"]["peak_before"] == by_mode["auto"]["peak_before"]
+    text = bench_peak.render([], "tiny", rows)
+    assert "With gradient checkpointing" in text and "| bert" in text

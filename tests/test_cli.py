@@ -47,3 +47,16 @@ def test_bench_arguments_reach_its_own_parser():
         cli.main(["bench", "--scale", "nonsense"])
     assert e.value.code == 2  # argparse rejected the value: it was parsed, not reordered
     assert bench.SCALES["quick"][0] == "tiny"
+
+
+def test_report_with_checkpointing_measures_the_peak(capsys):
+    assert cli.main(["report", "gpt2", "--scale", "tiny", "--checkpointing", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["rows"] and all(r["checkpointed"] for r in rep["rows"])
+    assert rep["peak_before"] > 0 and rep["peak_after"] > 0
+    assert any("activation-checkpointed" in n for n in rep["notes"])
+
+
+def test_checkpointing_needs_a_hugging_face_model():
+    with pytest.raises(SystemExit, match="needs a Hugging Face model"):
+        cli.main(["report", "test_cli:tiny_model", "--checkpointing"])

@@ -258,6 +258,63 @@ def test_detect_module_called_twice_shares_key():
     assert len(sites) == 2 and sites[0].rewrite_key == sites[1].rewrite_key == ("module", "act")
 
 
+class _SquareFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class CustomGelu(nn.Module):  # named like an activation, runs an autograd.Function
+    def forward(self, x):
+        return _SquareFn.apply(x)
+
+
+class Swish(nn.Module):  # named like one, computes something else
+    def forward(self, x):
+        return x * (1 + torch.erf(x))
+
+
+class GeluMLP(nn.Module):  # named like one, but calls other modules: not an activation
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(D, D)
+
+    def forward(self, x):
+        return self.fc(x) * 2
+
+
+class Unsupported(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(D, 2 * D)
+        self.prelu, self.glu = nn.PReLU(), nn.GLU()
+        self.custom, self.swish, self.mlp = CustomGelu(), Swish(), GeluMLP()
+        self.act = nn.GELU()  # a supported one, for contrast
+        self.out = nn.Linear(D, D)
+
+    def forward(self, x):
+        h = self.glu(self.prelu(self.a(x)))
+        return self.out(self.act(self.mlp(self.swish(self.custom(h)))))
+
+
+def test_detect_names_activation_like_modules_it_does_not_rewrite_and_why():
+    rep = fewbit_fx.report(Unsupported(), example_inputs=(x_in(requires_grad=True),), measure=False)
+    assert [r.site for r in rep.rows] == ["act"]
+    notes = "\n".join(rep.notes)
+    assert "PReLU at prelu: its slope is a learned parameter" in notes
+    assert "GLU at glu: it gates one half" in notes
+    assert "CustomGelu at custom: it runs a custom torch.autograd.Function" in notes
+    assert "Swish at swish: its forward is not one of the supported activations" in notes
+    assert "GeluMLP" not in notes and "GELU at" not in notes
+    assert all(line in str(rep) for line in rep.notes)
+
+
 # --- saves -------------------------------------------------------------------------------
 
 def test_saves_trainable_linear_keeps_its_input():
@@ -353,8 +410,9 @@ def _saves(**kw):
     return saves.SiteSaves(**{**base, **kw})
 
 
-GELU_SITE = SimpleNamespace(activation=activations.get("gelu"))
-SIGMOID_SITE = SimpleNamespace(activation=activations.get("sigmoid"))
+GELU_SITE = SimpleNamespace(activation=activations.get("gelu"), checkpointed=False)
+SIGMOID_SITE = SimpleNamespace(activation=activations.get("sigmoid"), checkpointed=False)
+CHECKPOINTED_GELU = SimpleNamespace(activation=activations.get("gelu"), checkpointed=True)
 
 
 def test_decide_three_outcomes():
@@ -387,6 +445,18 @@ def test_decide_modes():
     assert decide.decide(GELU_SITE, mutated, "auto", 3).variant == "fewbit"
     assert decide.decide(GELU_SITE, mutated, "exact", 3).variant == "kept"
     assert decide.decide(GELU_SITE, _saves(x_reused_after=True), "auto", 3).variant == "kept"
+
+
+def test_decide_in_a_checkpointed_region_inverts_only_what_lowers_the_peak():
+    # one tensor kept (the input): at the activation's backward, y would take x's place
+    single = decide.decide(CHECKPOINTED_GELU, _saves(y_kept_by=["linear in fc2"]), "auto", 3)
+    assert single.variant == "kept" and "would not lower the peak" in single.reason
+    # a formula keeps its intermediates too: inverted frees them
+    formula = decide.decide(CHECKPOINTED_GELU, _saves(y_kept_by=["linear in fc2"], saved_before=3 * 4096),
+                            "auto", 3)
+    assert formula.variant == "inverted" and decide.CHECKPOINTED in formula.reason
+    few = decide.decide(CHECKPOINTED_GELU, _saves(y_kept_by=["linear in fc2"]), "fewbit", 3)
+    assert few.variant == "fewbit" and decide.CHECKPOINTED in few.reason
 
 
 def test_decide_on_graphs_three_outcomes():
