@@ -83,7 +83,7 @@ def decide(site: Site, saves: SiteSaves, mode: str, bits: int) -> Decision:
         return Decision("kept", None, saves.saved_before,
                         f"{best.label} would keep {best.saved_after} B, no less than now")
     if site.checkpointed:
-        return _in_checkpointed_region(best, saves)
+        return _in_checkpointed_region(best)
     return best
 
 
@@ -91,19 +91,14 @@ CHECKPOINTED = ("inside an activation-checkpointed region: saved only while the 
                 "recomputed in backward")
 
 
-def _in_checkpointed_region(best: Decision, saves: SiteSaves) -> Decision:
-    """A checkpointed region's tensors live only while backward recomputes it, so what
-    counts is the region's peak. The ops that keep y run their backward first and free y
-    just before this activation's; there, an inverted variant holds y where the original
-    held x, the same bytes. So inverted lowers the peak only for activations that keep more
-    than their input (formula GELUs keep their intermediates); few-bit always does.
-    Measured with checkpointing: BERT's GELU inverted +0.2% (its mask), few-bit -3.3%;
-    GPT-2's formula GELU inverted -17%."""
-    if best.variant == "inverted" and saves.saved_before <= saves.y_bytes:
-        return Decision("kept", None, saves.saved_before,
-                        "inside an activation-checkpointed region, where inverted would not lower "
-                        "the peak (the ops keeping the output free it right before this "
-                        "activation's backward); few-bit would (mode='fewbit' or an override)")
+def _in_checkpointed_region(best: Decision) -> Decision:
+    """The same decision as outside a region, saying where it acts. A checkpointed region's
+    tensors live only while backward recomputes it, so a rewrite changes the step's peak,
+    not the bytes saved across it. Inverted: until the ops that keep y have run their
+    backward, it holds y (+ mask) where the original held x and y; after, y (+ mask) where
+    the original held x. So the peak falls by up to x's bytes or rises by at most the 1-bit
+    mask, depending on where the region peaks (small scale: Llama -4%, GPT-2's formula GELU
+    -17%, BERT +0.2%); few-bit holds codes where the original held x. report() measures it."""
     return Decision(best.variant, best.bits, best.saved_after, f"{best.reason} ({CHECKPOINTED})")
 
 

@@ -38,9 +38,8 @@ def test_blocks_needs_a_module_list():
 def test_checkpointed_rows_measure_the_peak_and_render():
     rows = bench_peak.checkpointed_rows(["bert"], "tiny", modes=("auto", "fewbit"))
     by_mode = {r["mode"]: r for r in rows}
-    # BERT's GELU is one op: auto leaves it alone inside checkpointed layers. (Few-bit's
-    # drop needs longer tensors than tiny's: tests/passes/test_checkpointed.py measures it.)
-    assert by_mode["auto"]["peak_after"] == by_mode["auto"]["peak_before"] > 0
-    assert by_mode["fewbit"]["peak_before"] == by_mode["auto"]["peak_before"]
+    # (whether the peak falls needs longer tensors than tiny's: tests/passes/test_checkpointed.py)
+    assert by_mode["fewbit"]["peak_before"] == by_mode["auto"]["peak_before"] > 0
+    assert all(r["peak_after"] > 0 and r["blocks"] == 2 for r in rows)
     text = bench_peak.render([], "tiny", rows)
     assert "With gradient checkpointing" in text and "| bert" in text

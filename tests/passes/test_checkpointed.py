@@ -72,12 +72,8 @@ def test_sites_inside_checkpointed_regions_are_found_and_rewritten_with_exact_gr
     rows = {r.site: r for r in rep.rows}
     assert all(r.checkpointed for r in rep.rows)
     for i in range(3):
-        # the formula GELU keeps its intermediates: inverted frees them in the recomputed region
-        assert rows[f"blocks.{i}.act"].variant == "inverted"
-        assert CHECKPOINTED in rows[f"blocks.{i}.act"].reason
-        # a single-op activation keeps only its input: inverted would not lower the peak
-        assert rows[f"blocks.{i}:silu#0"].variant == "kept"
-        assert "would not lower the peak" in rows[f"blocks.{i}:silu#0"].reason
+        for site in (f"blocks.{i}.act", f"blocks.{i}:silu#0"):
+            assert rows[site].variant == "inverted" and CHECKPOINTED in rows[site].reason
     assert any("inside activation-checkpointed regions" in n for n in rep.notes)
     # across the step only the regions' inputs are saved: the rewrite cannot change that
     assert rep.measured_after == rep.measured_before
@@ -101,18 +97,19 @@ def test_functional_sites_inside_checkpointed_regions_are_rewritten():
         assert got.shape == want.shape and torch.isfinite(got).all()
 
 
-def test_the_peak_falls_where_a_rewrite_can_lower_it_and_other_sites_are_left_alone():
+def test_the_peak_falls_where_a_rewrite_lowers_it_and_rises_at_most_by_the_mask():
     """While backward runs a recomputed region, few-bit keeps codes instead of the ELU's
-    input. Inverted would keep the output, which fc2 keeps too, but fc2's backward frees
-    it just before the ELU's: the input it spares is live only in that gap, so the peak
-    would move rather than drop, and exact mode leaves the site alone."""
+    input. Inverted keeps the output, which fc2 keeps too, but fc2's backward frees it
+    just before the ELU's: the input it spares is live only in that gap, so in this block
+    the peak moves rather than drops (ELU is monotone: no mask, so no rise either)."""
     model, x = Checkpointed(act=nn.ELU), x_in(rows=256)  # 256 x 1024 ELU: 1 MiB per tensor
     fewbit = fewbit_fx.report(model, example_inputs=(x,), mode="fewbit", tables="normal")
     exact = fewbit_fx.report(model, example_inputs=(x,), mode="exact")
     assert fewbit.peak_before == exact.peak_before > 2**20
     assert fewbit.peak_after <= fewbit.peak_before - 2**20 // 2, (fewbit.peak_before, fewbit.peak_after)
-    assert all(r.variant == "kept" for r in exact.rows)
-    assert exact.peak_after == exact.peak_before
+    assert any(r.variant == "inverted" for r in exact.rows)
+    mask_bytes = 256 * W // 8 * 3  # the SiLU gates' masks, one region's worth at most
+    assert exact.peak_after <= exact.peak_before + mask_bytes, (exact.peak_before, exact.peak_after)
     assert "measured peak" in str(fewbit)
     assert fewbit.measured_after == fewbit.measured_before
     # the formula GELU's intermediates are gone from the recomputed region

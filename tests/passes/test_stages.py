@@ -447,16 +447,13 @@ def test_decide_modes():
     assert decide.decide(GELU_SITE, _saves(x_reused_after=True), "auto", 3).variant == "kept"
 
 
-def test_decide_in_a_checkpointed_region_inverts_only_what_lowers_the_peak():
-    # one tensor kept (the input): at the activation's backward, y would take x's place
-    single = decide.decide(CHECKPOINTED_GELU, _saves(y_kept_by=["linear in fc2"]), "auto", 3)
-    assert single.variant == "kept" and "would not lower the peak" in single.reason
-    # a formula keeps its intermediates too: inverted frees them
-    formula = decide.decide(CHECKPOINTED_GELU, _saves(y_kept_by=["linear in fc2"], saved_before=3 * 4096),
-                            "auto", 3)
-    assert formula.variant == "inverted" and decide.CHECKPOINTED in formula.reason
-    few = decide.decide(CHECKPOINTED_GELU, _saves(y_kept_by=["linear in fc2"]), "fewbit", 3)
-    assert few.variant == "fewbit" and decide.CHECKPOINTED in few.reason
+def test_decide_in_a_checkpointed_region_decides_as_elsewhere_and_says_where():
+    for mode, variant in (("auto", "inverted"), ("exact", "inverted"), ("fewbit", "fewbit")):
+        inside = decide.decide(CHECKPOINTED_GELU, _saves(y_kept_by=["linear in fc2"]), mode, 3)
+        outside = decide.decide(GELU_SITE, _saves(y_kept_by=["linear in fc2"]), mode, 3)
+        assert inside.variant == outside.variant == variant
+        assert inside.saved_after == outside.saved_after
+        assert inside.reason == f"{outside.reason} ({decide.CHECKPOINTED})"
 
 
 def test_decide_on_graphs_three_outcomes():
