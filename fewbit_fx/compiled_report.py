@@ -16,7 +16,8 @@ from torch._inductor.custom_graph_pass import CustomPartitionerFn
 from fewbit_fx.api import _inputs, measure_step, scalar_loss
 from fewbit_fx.backend import plan_graph, rewrite_graph
 from fewbit_fx.passes import saves
-from fewbit_fx.passes.capture import innermost_module
+from fewbit_fx.passes.capture import innermost_module, with_checkpointed_regions
+from fewbit_fx.passes.detect import unrecognised_activations
 from fewbit_fx.report import Report, Row
 
 
@@ -74,12 +75,16 @@ def compiled_report(model: nn.Module, *, example_inputs=None, example_kwargs=Non
     default_rec, fewbit_rec = RecordingPartitioner(), RecordingPartitioner()
     plans: list[list] = []
     site_names: list[dict[str, set[str]]] = []
+    unrecognised: list[str] = []
 
     def default_backend(gm, ex):
         return compile_fx(gm, ex, config_patches=_no_cache(default_rec))
 
     def fewbit_backend(gm, ex):
         planned = plan_graph(gm, mode, bits, overrides)
+        regions, _ = with_checkpointed_regions([gm])
+        unrecognised.extend(n for n in unrecognised_activations(regions, [p.site for p in planned])
+                            if n not in unrecognised)
         analysed = {}  # per graph: a site may sit in a checkpointed region's own graph
         for p in planned:
             g = p.site.output.graph
@@ -114,6 +119,7 @@ def compiled_report(model: nn.Module, *, example_inputs=None, example_kwargs=Non
     rep = Report(rows, mode, bits, measured_before=measured[0], measured_after=measured[1])
     rep.notes.append("compiled: 'before' is torch.compile's default, 'after' the fewbit backend, "
                      "both read from the partitioned graphs (backward-graph inputs)")
+    rep.notes += unrecognised
     return rep
 
 

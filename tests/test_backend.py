@@ -162,6 +162,13 @@ def test_compiled_report_reads_per_site_bytes_from_the_partitioned_graphs():
     assert all(p.grad is None for p in model.parameters())  # the model itself was not run
 
 
+def test_compiled_report_names_activation_like_modules_it_does_not_rewrite():
+    model = nn.Sequential(nn.Linear(8, 16), nn.PReLU(), nn.Linear(16, 8), nn.GELU(), nn.Linear(8, 2))
+    rep = fewbit_fx.report(model, example_inputs=(torch.randn(4, 8),), compiled=True)
+    assert [r.site for r in rep.rows] == ["3"]
+    assert any(n.startswith("not rewritten: PReLU at 1:") for n in rep.notes)
+
+
 class GatedMLP(nn.Module):
     def __init__(self, act, d=64, h=256):
         super().__init__()
