@@ -68,13 +68,15 @@ def module_path(dynamo_path: str) -> str:
     return path.lstrip(".")
 
 
+def module_scopes(node: fx.Node) -> list[tuple[str, type]]:
+    """(module path, module class) of every module a node was traced in, outermost first."""
+    return [(module_path(path), cls) for path, cls in (node.meta.get("nn_module_stack") or {}).values()]
+
+
 def innermost_module(node: fx.Node) -> tuple[str, type] | None:
     """(module path, module class) of the innermost module a node was traced in."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return None
-    path, cls = list(stack.values())[-1]
-    return module_path(path), cls
+    scopes = module_scopes(node)
+    return scopes[-1] if scopes else None
 
 
 _CHECKPOINT = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)

@@ -17,7 +17,7 @@ from torch import fx, nn
 
 from fewbit_fx import activations
 from fewbit_fx.activations import Activation
-from fewbit_fx.passes.capture import example_value, innermost_module
+from fewbit_fx.passes.capture import example_value, innermost_module, module_scopes
 
 # target -> (registry name, names of the positional arguments after the input)
 _FUNCTIONS: dict[object, tuple[str, tuple[str, ...]]] = {
@@ -220,14 +220,14 @@ def unrecognised_activations(graphs: list[fx.GraphModule], sites: list[Site]) ->
     with the reason, so a report never passes over them in silence (Bloom's GELU is a
     custom autograd.Function, for one). "Look like": torch.nn's other activations, any
     Hugging Face activation class, or a module named like one that calls no other module."""
-    covered = {path for site in sites for n in site.nodes for path, _ in _scopes(n)}
+    covered = {path for site in sites for n in site.nodes for path, _ in module_scopes(n)}
     found: dict[type, dict[str, bool]] = {}  # class -> {path: runs an autograd.Function}
     parents: set[str] = set()  # paths of modules that call other modules
     for gm in graphs:
         for node in gm.graph.nodes:
             if node.op not in ("call_function", "call_method"):
                 continue
-            scopes = _scopes(node)
+            scopes = module_scopes(node)
             parents.update(path for path, _ in scopes[:-1])
             for path, cls in scopes:
                 if path not in covered and _looks_like_an_activation(cls):
@@ -252,13 +252,6 @@ def unrecognised_activations(graphs: list[fx.GraphModule], sites: list[Site]) ->
         lines.append(f"not rewritten: {cls.__name__} at {shown}: {why}. If it computes a supported "
                      "activation, use that torch.nn module instead (README: Supported activations)")
     return lines
-
-
-def _scopes(node: fx.Node) -> list[tuple[str, type]]:
-    """(module path, class) of every module the node was traced in, outermost first."""
-    from fewbit_fx.passes.capture import module_path
-
-    return [(module_path(path), cls) for path, cls in (node.meta.get("nn_module_stack") or {}).values()]
 
 
 def _known_activation_family(cls: type) -> bool:
