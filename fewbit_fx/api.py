@@ -34,8 +34,7 @@ def plan(model: nn.Module, args: tuple, kwargs: dict, mode: str, bits: int,
     check_bits(bits)
     cap = capture.capture(model, args, kwargs)
     planned = plan_graphs(cap.graphs, mode, bits, overrides)
-    graphs, _ = capture.with_checkpointed_regions(cap.graphs)
-    return Plan(planned, mode, bits, detect.unrecognised_activations(graphs, [p.site for p in planned]))
+    return Plan(planned, mode, bits, detect.unrecognised_activations(cap.graphs, [p.site for p in planned]))
 
 
 def _inputs(example_inputs, example_kwargs) -> tuple[tuple, dict]:
@@ -222,9 +221,8 @@ def measure_peak(model: nn.Module, args: tuple, kwargs: dict) -> int:
 
     with preserved_state(model), torch.enable_grad(), _gradients_restored(model, args, kwargs):
         step()  # warm-up: first-call allocations and kernel builds stay out of the figure
-        for t in [*model.parameters(), *args, *kwargs.values()]:
-            if isinstance(t, torch.Tensor):
-                t.grad = None
+        for t in _grad_leaves(model, args, kwargs):
+            t.grad = None
         cuda = next((t.device for t in model.parameters() if t.is_cuda), None)
         if cuda is None:
             return allocated_peak(step).bytes
@@ -236,10 +234,15 @@ def measure_peak(model: nn.Module, args: tuple, kwargs: dict) -> int:
         return torch.cuda.max_memory_allocated(cuda) - base
 
 
+def _grad_leaves(model: nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors a step's backward() leaves gradients on: parameters and inputs."""
+    return [t for t in [*model.parameters(), *args, *kwargs.values()]
+            if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
 @contextlib.contextmanager
 def _gradients_restored(model: nn.Module, args: tuple, kwargs: dict):
-    leaves = [t for t in [*model.parameters(), *args, *kwargs.values()]
-              if isinstance(t, torch.Tensor) and t.requires_grad]
+    leaves = _grad_leaves(model, args, kwargs)
     grads = [t.grad for t in leaves]
     for t in leaves:
         t.grad = None

@@ -16,7 +16,7 @@ from torch._inductor.custom_graph_pass import CustomPartitionerFn
 from fewbit_fx.api import _inputs, measure_step, scalar_loss
 from fewbit_fx.backend import plan_graph, rewrite_graph
 from fewbit_fx.passes import saves
-from fewbit_fx.passes.capture import innermost_module, with_checkpointed_regions
+from fewbit_fx.passes.capture import innermost_module
 from fewbit_fx.passes.detect import unrecognised_activations
 from fewbit_fx.report import Report, Row
 
@@ -82,8 +82,7 @@ def compiled_report(model: nn.Module, *, example_inputs=None, example_kwargs=Non
 
     def fewbit_backend(gm, ex):
         planned = plan_graph(gm, mode, bits, overrides)
-        regions, _ = with_checkpointed_regions([gm])
-        unrecognised.extend(n for n in unrecognised_activations(regions, [p.site for p in planned])
+        unrecognised.extend(n for n in unrecognised_activations([gm], [p.site for p in planned])
                             if n not in unrecognised)
         analysed = {}  # per graph: a site may sit in a checkpointed region's own graph
         for p in planned:

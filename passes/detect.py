@@ -17,7 +17,9 @@ from torch import fx, nn
 
 from fewbit_fx import activations
 from fewbit_fx.activations import Activation
-from fewbit_fx.passes.capture import example_value, innermost_module, module_scopes
+from fewbit_fx.passes.capture import (
+    example_value, innermost_module, module_scopes, with_checkpointed_regions,
+)
 
 # target -> (registry name, names of the positional arguments after the input)
 _FUNCTIONS: dict[object, tuple[str, tuple[str, ...]]] = {
@@ -219,7 +221,9 @@ def unrecognised_activations(graphs: list[fx.GraphModule], sites: list[Site]) ->
     """Calls of modules that look like activations but hold no site, one line per class
     with the reason, so a report never passes over them in silence (Bloom's GELU is a
     custom autograd.Function, for one). "Look like": torch.nn's other activations, any
-    Hugging Face activation class, or a module named like one that calls no other module."""
+    Hugging Face activation class, or a module named like one that calls no other module.
+    `graphs` as captured: the checkpointed regions' bodies are searched too."""
+    graphs, _ = with_checkpointed_regions(graphs)
     covered = {path for site in sites for n in site.nodes for path, _ in module_scopes(n)}
     found: dict[type, dict[str, bool]] = {}  # class -> {path: runs an autograd.Function}
     parents: set[str] = set()  # paths of modules that call other modules
