@@ -4,9 +4,13 @@
     torch.compile(model, backend="fewbit")     # the same pass inside the compiler
     print(fewbit_fx.report(model, example_inputs=(x,)))   # dry run, per-site savings
 """
-from fewbit_fx import nn, ops  # noqa: F401  (ops registers the custom ops)
-from fewbit_fx.api import optimize, report
-from fewbit_fx.backend import backend, register as _register_backend
+from fewbit_fx import _compat
+
+_compat.check_torch()
+
+from fewbit_fx import nn, ops  # noqa: E402,F401  (ops registers the custom ops)
+from fewbit_fx.api import optimize, report  # noqa: E402
+from fewbit_fx.backend import backend, register as _register_backend  # noqa: E402
 
 _register_backend()
 

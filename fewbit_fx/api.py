@@ -34,7 +34,8 @@ def plan(model: nn.Module, args: tuple, kwargs: dict, mode: str, bits: int,
     check_bits(bits)
     cap = capture.capture(model, args, kwargs)
     planned = plan_graphs(cap.graphs, mode, bits, overrides)
-    return Plan(planned, mode, bits, detect.unrecognised_activations(cap.graphs, [p.site for p in planned]))
+    return Plan(planned, mode, bits,
+                cap.notes + detect.unrecognised_activations(cap.graphs, [p.site for p in planned]))
 
 
 def _inputs(example_inputs, example_kwargs) -> tuple[tuple, dict]:
@@ -54,28 +55,124 @@ def optimize(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode
              tables: str = "fitted") -> nn.Module:
     """Rewrite the model's activations in place and return it.
 
-    With example inputs the analysis runs now; without, on the first call (the first
-    call's own inputs are used). mode: "auto" (inverted where a consumer keeps the output,
-    few-bit elsewhere), "exact" (inverted only), "fewbit" (few-bit everywhere). `bits` is
-    the few-bit default; `overrides` maps module-path patterns (fnmatch) to "auto",
-    "exact", "fewbit", "fewbit-<b>" or "keep". `tables`: "fitted" fits each few-bit
-    table to the inputs that site sees on the example inputs (one extra no-grad forward)
-    and refits it to its inputs during eager training (FewBit.schedule_refits); "normal"
-    uses the tables fitted for N(0, 1) inputs.
+    With example inputs the analysis runs now; without, on the first call (on copies of
+    that call's inputs, so a cache passed in is not advanced twice). mode: "auto"
+    (inverted where a consumer keeps the output, few-bit elsewhere), "exact" (inverted
+    only), "fewbit" (few-bit everywhere). `bits` is the few-bit default; `overrides` maps
+    module-path patterns (fnmatch) to "auto", "exact", "fewbit", "fewbit-<b>" or "keep".
+    `tables`: "fitted" fits each few-bit table to the inputs that site sees on the example
+    inputs (one extra no-grad forward) and refits it to its inputs during eager training
+    (FewBit.schedule_refits); "normal" uses the tables fitted for N(0, 1) inputs.
+    A model that was optimized before is decided afresh (its earlier rewrites undone first).
     """
     decide.check_mode(mode)
     check_bits(bits)
     calibration.check_tables(tables)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"optimize takes a torch.nn.Module, got {type(model).__name__}")
+    _check_model(model, "optimize")
     if example_inputs is None and example_kwargs is None:
-        return _optimize_on_first_call(model, mode, bits, overrides, tables)
+        _AnalyseOnFirstCall.install(model, dict(mode=mode, bits=bits, overrides=overrides, tables=tables))
+        return model
     args, kwargs = _inputs(example_inputs, example_kwargs)
-    p = plan(model, args, kwargs, mode, bits, overrides)
+    rewrite.undo(model)
+    p = plan(model, *_analysis_copy(args, kwargs), mode, bits, overrides)
     applied = rewrite.apply(model, p.planned)
-    fits = _calibrate(model, applied, args, kwargs, tables)
+    fits = _calibrate(model, applied, *_analysis_copy(args, kwargs), tables)
     model._fewbit_report = _report_from(p, applied.failures, fits, tables)  # noqa: SLF001 - read by report()
+    _TrainabilityWatch.install(model)
     return model
+
+
+def _check_model(model, verb: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{verb}() takes a torch.nn.Module, got {type(model).__name__}; pass the "
+                        "model itself (for a function, wrap it in an nn.Module)")
+
+
+def _analysis_copy(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Copies of the inputs for the analysis runs: a stateful input (a Hugging Face
+    DynamicCache, a list that the forward appends to) must see only the user's own call.
+    Inputs that cannot be deep-copied (non-leaf tensors) are used as they are."""
+    try:
+        return copy.deepcopy((args, kwargs))
+    except Exception:  # noqa: BLE001 - deepcopy refuses some tensors and objects
+        return args, kwargs
+
+
+class _AnalyseOnFirstCall:
+    """optimize() without example inputs: installed as the instance's forward, it analyses
+    and rewrites on the first call, then runs the call. An object, not a closure, so a deep
+    copy or a pickle of the model taken before the first call carries it, bound to the copy.
+    (Not a pre-hook: torch looks up forward before pre-hooks run, and the rewrite may
+    replace the root's own forward.)"""
+
+    def __init__(self, model: nn.Module, settings: dict, previous):
+        self.model, self.settings, self.previous = model, settings, previous
+
+    @classmethod
+    def install(cls, model: nn.Module, settings: dict) -> None:
+        current = model.__dict__.get("forward")
+        if isinstance(current, cls):
+            current.settings = settings
+            return
+        model.__dict__["forward"] = cls(model, settings, current)
+
+    def __call__(self, *args, **kwargs):
+        model = self.model
+        if self.previous is None:
+            model.__dict__.pop("forward", None)
+        else:
+            model.__dict__["forward"] = self.previous
+        optimize(model, example_inputs=tuple(args), example_kwargs=kwargs, **self.settings)
+        return model.forward(*args, **kwargs)
+
+    @property
+    def __signature__(self):
+        import inspect
+
+        return inspect.signature(self.previous or type(self.model).forward.__get__(self.model))
+
+
+class _TrainabilityWatch:
+    """A forward pre-hook that notices when parameters' requires_grad changed since the
+    decisions were taken (LoRA added, adapters merged, layers unfrozen), and warns once
+    with the fix: what a consumer keeps depends on whether its weight trains."""
+
+    def __init__(self, model: nn.Module):
+        self.flags = _trainability(model)
+        self.warned = False
+
+    @classmethod
+    def install(cls, model: nn.Module) -> None:
+        watch = model.__dict__.get("_fewbit_watch")
+        if watch is not None:
+            watch.flags, watch.warned = _trainability(model), False
+            return
+        watch = cls(model)
+        model.__dict__["_fewbit_watch"] = watch
+        model.register_forward_pre_hook(watch)
+
+    def stale(self, model: nn.Module) -> list[str]:
+        now = _trainability(model)
+        return [n for n, f in now.items() if self.flags.get(n, f) != f]
+
+    def __call__(self, model: nn.Module, args):
+        if self.warned or torch.compiler.is_compiling() or not torch.is_grad_enabled():
+            return None
+        changed = self.stale(model)
+        if changed:
+            self.warned = True
+            warnings.warn(
+                f"fewbit_fx: requires_grad changed for {len(changed)} parameters since optimize() "
+                f"(first: {changed[0]}), e.g. adapters added or merged or layers unfrozen. The "
+                "rewrites were decided for the old setting and may save less than they could, or "
+                "use few-bit gradients where an exact variant is now free. Fix: call "
+                "fewbit_fx.optimize(model, example_inputs=...) again to re-decide.",
+                RuntimeWarning, stacklevel=2)
+        return None
+
+
+def _trainability(model: nn.Module) -> dict[str, bool]:
+    return {n: p.requires_grad for n, p in model.named_parameters()}
 
 
 def _calibrate(model, applied: rewrite.Applied, args, kwargs, tables: str) -> dict | None:
@@ -94,25 +191,6 @@ def _calibrate(model, applied: rewrite.Applied, args, kwargs, tables: str) -> di
         return None
 
 
-def _optimize_on_first_call(model, mode, bits, overrides, tables):
-    """Analyse on the first call, with its own inputs. The instance's forward is replaced
-    (not a pre-hook: torch looks up forward before pre-hooks run, and the rewrite may
-    replace the root's own forward), then restored before the rewrite."""
-    previous = model.__dict__.get("forward")
-
-    def analyse_then_run(*args, **kwargs):
-        if previous is None:
-            del model.forward
-        else:
-            model.forward = previous
-        optimize(model, example_inputs=tuple(args), example_kwargs=kwargs, mode=mode,
-                 bits=bits, overrides=overrides, tables=tables)
-        return model.forward(*args, **kwargs)
-
-    model.forward = analyse_then_run
-    return model
-
-
 def report(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode: str = "auto",
            bits: int = 3, overrides: dict[str, str] | None = None, measure: bool = True,
            compiled: bool = False, tables: str = "fitted") -> Report:
@@ -126,6 +204,7 @@ def report(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode: 
     tables are the N(0, 1) ones). `tables` as in optimize().
     """
     calibration.check_tables(tables)
+    _check_model(model, "report")
     if compiled:
         from fewbit_fx.compiled_report import compiled_report
 
@@ -136,19 +215,42 @@ def report(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode: 
     if example_inputs is None and example_kwargs is None:
         existing = getattr(model, "_fewbit_report", None)
         if existing is not None:
-            return existing
-        raise ValueError("report() needs example_inputs and/or example_kwargs to run the model")
+            return _with_staleness(model, existing)
+        raise ValueError("report() needs example_inputs and/or example_kwargs to run the model "
+                         "(or a model that fewbit_fx.optimize has rewritten, to show what it did)")
     args, kwargs = _inputs(example_inputs, example_kwargs)
-    p = plan(model, args, kwargs, mode, bits, overrides)
+    done = rewrite.rewritten_modules(model)
+    if done:  # report on the model as it was before optimize, decided afresh
+        model = copy.deepcopy(model)
+        rewrite.undo(model)
+    p = plan(model, *_analysis_copy(args, kwargs), mode, bits, overrides)
     rewritten = copy.deepcopy(model)
     applied = rewrite.apply(rewritten, p.planned)
-    rep = _report_from(p, applied.failures, _calibrate(rewritten, applied, args, kwargs, tables), tables)
+    fits = _calibrate(rewritten, applied, *_analysis_copy(args, kwargs), tables)
+    rep = _report_from(p, applied.failures, fits, tables)
+    if done:
+        rep.notes.insert(0, f"this model is already optimized ({done} sites rewritten): the rows "
+                            "are what optimize() would decide now for the model as it was before "
+                            "(call optimize again to apply them); report(model) shows what was done")
     if measure:
-        rep.measured_before = measure_step(model, args, kwargs)
-        rep.measured_after = measure_step(rewritten, args, kwargs)
+        rep.measured_before = measure_step(model, *_analysis_copy(args, kwargs))
+        rep.measured_after = measure_step(rewritten, *_analysis_copy(args, kwargs))
         if any(r.checkpointed for r in rep.rows):  # their saving shows at the peak only
-            rep.peak_before = measure_peak(model, args, kwargs)
-            rep.peak_after = measure_peak(rewritten, args, kwargs)
+            rep.peak_before = measure_peak(model, *_analysis_copy(args, kwargs))
+            rep.peak_after = measure_peak(rewritten, *_analysis_copy(args, kwargs))
+    return rep
+
+
+def _with_staleness(model: nn.Module, rep: Report) -> Report:
+    """The stored report of an optimized model, with a note if its decisions are stale."""
+    watch = model.__dict__.get("_fewbit_watch")
+    changed = watch.stale(model) if watch is not None else []
+    if not changed:
+        return rep
+    rep = copy.copy(rep)
+    rep.notes = [f"stale: requires_grad changed for {len(changed)} parameters since optimize() "
+                 f"(first: {changed[0]}); these decisions were taken for the old setting. Call "
+                 "fewbit_fx.optimize(model, example_inputs=...) again to re-decide.", *rep.notes]
     return rep
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import fx, nn
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
+from fewbit_fx import _compat
 from fewbit_fx.api import _inputs, measure_step, scalar_loss
 from fewbit_fx.backend import plan_graph, rewrite_graph
 from fewbit_fx.passes import saves
@@ -40,7 +41,8 @@ class RecordingPartitioner(CustomPartitionerFn):
             src = fw_nodes[p.name]
             val = src.meta.get("val")
             if isinstance(val, torch.Tensor) and src.op != "placeholder":
-                saved.append((val.numel() * val.element_size(), _provenance(src), _module_path(src)))
+                saved.append((_compat.size_hint(val.numel()) * val.element_size(), _provenance(src),
+                              _module_path(src)))
         self.graphs.append(saved)
         return fw, bw
 
@@ -99,11 +101,11 @@ def compiled_report(model: nn.Module, *, example_inputs=None, example_kwargs=Non
         return compile_fx(gm, ex, config_patches=_no_cache(fewbit_rec))
 
     measured = []
-    for backend in (default_backend, fewbit_backend):
-        # A cache hit would skip partitioning, and with it the recording.
-        with torch._functorch.config.patch(enable_autograd_cache=False):
-            measured.append(_measure_compiled(model, backend, args, kwargs))
-    torch._dynamo.reset()
+    with _compat.dynamo_leaves_no_trace():
+        for backend in (default_backend, fewbit_backend):
+            # A cache hit would skip partitioning, and with it the recording.
+            with torch._functorch.config.patch(enable_autograd_cache=False):
+                measured.append(_measure_compiled(model, backend, args, kwargs))
 
     rows = []
     for gi, planned in enumerate(plans):
@@ -130,9 +132,8 @@ def _no_cache(partitioner) -> dict:
 
 def _measure_compiled(model: nn.Module, backend, args: tuple, kwargs: dict) -> int:
     """Saved bytes of a warm compiled training step of a copy of `model`."""
-    torch._dynamo.reset()
     m = copy.deepcopy(model)
-    cm = torch.compile(m, backend=backend)
+    cm = _compat.compile_isolated(m, backend, dynamic=False)  # static, whatever was compiled before
     scalar_loss(cm(*args, **kwargs)).backward()  # compile first: measure a warm step
     return measure_step(cm, args, kwargs)
 

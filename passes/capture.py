@@ -1,8 +1,13 @@
 """Capture: the model's forward as torch-IR FX graphs, via Dynamo.
 
 torch.fx.symbolic_trace fails on Hugging Face transformers 5.x; Dynamo works, tolerates
-graph breaks (several graphs), and tags each node with `nn_module_stack`, which maps it
-back to the module path it came from. One forward runs on the example inputs.
+graph breaks (several graphs), and tags each node with `nn_module_stack`. Nodes are mapped
+to modules by identity: with modules inlined, each stack entry is keyed by the id of the
+module object that ran it, which `capture` resolves against the model's own modules and
+names as `named_modules()` does. Dynamo's source strings (`L['self'].h[0]`) are never
+parsed for that: they change with decorated forwards, custom `__getattr__` (PEFT),
+wrappers and graph breaks. One forward runs on the example inputs and leaves no trace:
+no Dynamo cache entries, buffers and RNG restored.
 """
 from __future__ import annotations
 
@@ -12,12 +17,26 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from fewbit_fx import _compat
 from fewbit_fx._state import preserved_state
+
+SCOPES = "fewbit_module_scopes"  # node.meta key: [(path, class)] outermost first
 
 
 @dataclass
 class Capture:
     graphs: list[fx.GraphModule]
+    reused: int = 0  # graphs Dynamo ran again from its cache during the capture (see notes)
+
+    @property
+    def notes(self) -> list[str]:
+        if not self.reused:
+            return []
+        return [f"{self.reused} captured graphs ran more than once during the analysis forward "
+                "(a graph break inside a submodule that is called several times: Dynamo reuses "
+                "the first call's graph for the others), so activations in the later calls are "
+                "not seen and stay as they are. Fix: remove the graph break (print, .item(), "
+                "data-dependent Python) from that submodule's forward"]
 
 
 class CaptureError(RuntimeError):
@@ -25,43 +44,101 @@ class CaptureError(RuntimeError):
 
 
 def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> Capture:
-    """Trace `model(*args, **kwargs)` with Dynamo and return every graph it produced.
+    """Trace `model(*args, **kwargs)` with Dynamo and return every graph it produced, each
+    node's module scopes resolved by identity (`module_scopes`).
 
     A fresh backend per call forces a fresh trace (Dynamo's cache is keyed on the backend),
-    so a second model of the same class is never answered from the first one's graph.
-    Buffers (BatchNorm statistics) and the RNG are restored afterwards: analysis leaves
-    no trace on the model.
+    so a second model of the same class is never answered from the first one's graph; the
+    cache entries the trace made are removed afterwards (_compat.dynamo_leaves_no_trace).
     """
     graphs: list[fx.GraphModule] = []
+    runs: list[int] = []
 
     def record(gm: fx.GraphModule, example_inputs):
         graphs.append(gm)
-        return gm.forward
+        runs.append(0)
+        index = len(runs) - 1
 
-    with preserved_state(model), torch.enable_grad(), torch._dynamo.config.patch(
-        recompile_limit=10**6, accumulated_recompile_limit=10**6
-    ):
+        def run(*args):
+            runs[index] += 1
+            return gm.forward(*args)
+
+        return run
+
+    with preserved_state(model), torch.enable_grad(), _compat.capture_config(), \
+            _compat.dynamo_leaves_no_trace():
         try:
-            torch.compile(model, backend=record, dynamic=False)(*args, **(kwargs or {}))
+            _compat.compile_isolated(model, record, dynamic=False)(*args, **(kwargs or {}))
         except Exception as e:  # noqa: BLE001 - re-raised with the fix
             raise CaptureError(
-                f"could not capture {type(model).__name__} with torch.compile/Dynamo: "
-                f"{type(e).__name__}: {e}. Check that model(*example_inputs, "
-                "**example_kwargs) runs eagerly; fewbit_fx needs one traceable forward."
+                f"could not capture {type(model).__name__} with torch.compile/Dynamo on the "
+                f"example inputs: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}. "
+                "Fix: check that model(*example_inputs, **example_kwargs) runs eagerly with these "
+                "inputs; fewbit_fx needs one forward that Dynamo can trace."
             ) from e
     if not graphs:
         raise CaptureError(
             f"Dynamo produced no graph for {type(model).__name__}; the forward may be "
             "skipped by Dynamo (torch._dynamo.disable) or contain no tensor operations"
         )
-    return Capture(graphs)
+    names = _module_names(model)
+    for gm in graphs:
+        root = _frame_root(gm, names)
+        for body in with_checkpointed_regions([gm])[0]:
+            for node in body.graph.nodes:
+                scopes = _resolve(node.meta.get("nn_module_stack") or {}, names)
+                if root:  # a frame resumed inside a submodule: the nodes are in its scope
+                    scopes = [(root, type(model.get_submodule(root))), *scopes]
+                node.meta[SCOPES] = scopes
+    return Capture(graphs, sum(r > 1 for r in runs))
+
+
+def _frame_root(gm: fx.GraphModule, names: dict[int, str]) -> str:
+    """The module whose frame a graph was traced from: "" for the model's own forward; after
+    a graph break inside a submodule, Dynamo resumes in that submodule's frame. Found from
+    any module call in the graph: its path by identity, less the part of its source string
+    that is relative to the frame (`L['self'].up` relative to the frame's self)."""
+    for node in gm.graph.nodes:
+        for key, (source, _) in (node.meta.get("nn_module_stack") or {}).items():
+            ident = key.split("@")[0]
+            if not (ident.isdigit() and int(ident) in names):
+                continue
+            path, relative = names[int(ident)], module_path(source)
+            if relative and path.endswith(relative) and path != relative:
+                return path[: -len(relative)].rstrip(".")
+            return ""
+    return ""
+
+
+def _module_names(model: nn.Module) -> dict[int, str]:
+    """id(module) -> its first name in `model.named_modules()` ("" for the root)."""
+    names: dict[int, str] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), name)
+    return names
+
+
+def _resolve(stack: dict, names: dict[int, str]) -> list[tuple[str, type]]:
+    """The stack's modules that belong to the model, by the id in each entry's key
+    ("140275509414288", or "...@1" for a second call); an entry without one (a module
+    Dynamo did not inline) falls back to its source string."""
+    scopes = []
+    for key, (source, cls) in stack.items():
+        ident = key.split("@")[0]
+        if ident.isdigit() and int(ident) in names:
+            scopes.append((names[int(ident)], cls))
+        elif not ident.isdigit():
+            scopes.append((module_path(source), cls))
+    return scopes
 
 
 _ROOT = re.compile(r"^L\[['\"][^'\"]+['\"]\]")
 
 
 def module_path(dynamo_path: str) -> str:
-    """Turn Dynamo's "L['self'].h[0].mlp.act" (or "L['self']._modules['h']") into "h.0.mlp.act"."""
+    """Dynamo's source string "L['self'].h[0].mlp.act" as "h.0.mlp.act". Only for graphs
+    that were not captured here (the compiler backend's, where no model object is at hand
+    and the path only names a site in reports and overrides)."""
     path = _ROOT.sub("", dynamo_path)
     path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", path)
     path = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", path)
@@ -70,6 +147,8 @@ def module_path(dynamo_path: str) -> str:
 
 def module_scopes(node: fx.Node) -> list[tuple[str, type]]:
     """(module path, module class) of every module a node was traced in, outermost first."""
+    if SCOPES in node.meta:
+        return node.meta[SCOPES]
     return [(module_path(path), cls) for path, cls in (node.meta.get("nn_module_stack") or {}).values()]
 
 

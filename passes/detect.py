@@ -20,6 +20,7 @@ from fewbit_fx.activations import Activation
 from fewbit_fx.passes.capture import (
     example_value, innermost_module, module_scopes, with_checkpointed_regions,
 )
+from fewbit_fx.passes.source_rewrite import CallSite, call_site
 
 # target -> (registry name, names of the positional arguments after the input)
 _FUNCTIONS: dict[object, tuple[str, tuple[str, ...]]] = {
@@ -79,6 +80,7 @@ class Site:
     occurrence: int = 0           # functional sites: index among the owner's activation calls
     inplace: bool = False
     checkpointed: bool = False    # inside an activation-checkpointed region
+    call_site: CallSite | None = None  # functional sites: where the call is in the source
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -94,22 +96,35 @@ class Site:
 
     @property
     def rewrite_key(self) -> tuple:
-        """Sites sharing a key are rewritten together (a module called several times)."""
+        """Sites sharing a key are rewritten together: a module called several times, or
+        one call in the source that ran several times (a loop) for the same owner."""
         if self.module_path is not None:
             return ("module", self.module_path)
+        if self.call_site is not None:
+            c = self.call_site
+            return ("call", self.owner_path, c.filename, c.lineno, c.callee, c.method)
         return ("call", self.owner_path, self.occurrence)
 
 
 def activation_of_node(node: fx.Node) -> tuple[Activation, bool] | None:
     """(Activation, in place?) for a single functional/method node, else None."""
-    if node.op == "call_function" and node.target in _FUNCTIONS:
-        name, arg_names = _FUNCTIONS[node.target]
-        named = dict(zip(arg_names, node.args[1:]))
-        named.update(node.kwargs)
-        inplace = bool(named.pop("inplace", False)) or node.target in _INPLACE_TARGETS
-    elif node.op == "call_method" and node.target in _METHODS:
-        name, named = _METHODS[node.target], dict(node.kwargs)
-        inplace = node.target.endswith("_")
+    if node.op not in ("call_function", "call_method"):
+        return None
+    return activation_of_call(node.target, node.args, node.kwargs, method=node.op == "call_method")
+
+
+def activation_of_call(target, args, kwargs, method: bool = False) -> tuple[Activation, bool] | None:
+    """(Activation, in place?) for a call `target(*args, **kwargs)` (a method name with
+    `method`, the tensor first in `args`), else None. Serves captured graph nodes and, at
+    run time, the rewritten functional sites (passes/source_rewrite)."""
+    if not method and _is_hashable(target) and target in _FUNCTIONS:
+        name, arg_names = _FUNCTIONS[target]
+        named = dict(zip(arg_names, args[1:]))
+        named.update(kwargs)
+        inplace = bool(named.pop("inplace", False)) or target in _INPLACE_TARGETS
+    elif method and target in _METHODS:
+        name, named = _METHODS[target], dict(kwargs)
+        inplace = target.endswith("_")
     else:
         return None
     if name == "gelu" and named.pop("approximate", "none") == "tanh":
@@ -119,6 +134,14 @@ def activation_of_node(node: fx.Node) -> tuple[Activation, bool] | None:
         return activations.get(name, **named), inplace
     except TypeError:
         return None  # e.g. a parameter given as a tensor: leave the call alone
+
+
+def _is_hashable(target) -> bool:
+    try:
+        hash(target)
+    except TypeError:
+        return False
+    return True
 
 
 def find_sites(graphs: list[fx.GraphModule], checkpointed: set[int] = frozenset()) -> list[Site]:
@@ -143,7 +166,8 @@ def find_sites(graphs: list[fx.GraphModule], checkpointed: set[int] = frozenset(
             k = occurrences.get(owner, 0)
             occurrences[owner] = k + 1
             act, inplace = found
-            sites.append(Site(act, [node], node.args[0], gi, owner, None, k, inplace))
+            sites.append(Site(act, [node], node.args[0], gi, owner, None, k, inplace,
+                              call_site=call_site(node)))
         for site in sites[first:]:
             site.checkpointed = gi in checkpointed
     return sites

@@ -1,23 +1,27 @@
 """Rewrite: apply decisions to the user's own module tree, in place.
 
-Module sites: the activation module is swapped for FewBit/Inverted (its hooks move along).
-Functional sites: the owning module's own forward is traced with every child kept as a
-leaf, the activation calls are pointed at new FewBit/Inverted children, and the generated
-code is bound to the same instance. The model keeps its class, methods, parameter names
+Module sites: the activation module is swapped for FewBit/Inverted, which shares the old
+module's hook dictionaries (so the user's hook handles keep working) and remembers it (so
+`undo` can put it back). Functional sites: the function that makes the call is recompiled
+from its own source with only those calls dispatched to new FewBit/Inverted children
+(passes/source_rewrite), installed on the owning instance; all other code, control flow
+included, stays as the user wrote it. The model keeps its class, methods, parameter names
 (the new children have no persistent state), hooks and train/eval mode. Anything that
 cannot be rewritten stays as it was, with the reason recorded.
 """
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 
-from torch import fx, nn
+from torch import nn
 
 from fewbit_fx.nn import FewBit, Inverted
 from fewbit_fx.passes.decide import Decision
-from fewbit_fx.passes.detect import Site, activation_of_node
+from fewbit_fx.passes.detect import Site
 from fewbit_fx.passes.saves import SiteSaves
+from fewbit_fx.passes.source_rewrite import CannotRewrite, Target, _Rewritten, build, locate
+
+_REPLACED = "_fewbit_replaced"  # on a FewBit/Inverted module: the activation module it replaced
 
 
 @dataclass
@@ -52,21 +56,17 @@ def apply(model: nn.Module, plan: list[Planned]) -> Applied:
             built[key] = staged[-1][2]
         else:
             by_owner.setdefault(p.site.owner_path, []).append(p)
-    forwards = []
+    functional = []
     for owner_path, planned in by_owner.items():
-        try:
-            forwards.append(_stage_functional(model, owner_path, planned))
-        except _CannotRewrite as e:
-            for p in planned:
-                failures[p.site.rewrite_key] = str(e)
+        owner = model.get_submodule(owner_path) if owner_path else model
+        functional += _stage_functional(owner, planned, failures, built)
     # Everything is staged: now mutate, so a failure above leaves the model untouched.
     for parent, name, new in staged:
         setattr(parent, name, new)
-    for owner, children, forward, by_key in forwards:
-        for name, child in children.items():
-            owner.add_module(name, child)
-        owner.forward = forward
-        built.update(by_key)
+    for owner, name, rewritten, children in functional:
+        for child_name, child in children.items():
+            owner.add_module(child_name, child)
+        owner.__dict__[name] = rewritten
     return Applied(failures, built)
 
 
@@ -77,83 +77,84 @@ def _stage_module_swap(model: nn.Module, p: Planned) -> tuple[nn.Module, str, nn
     old = getattr(parent, name)
     new = build_module(p.site, p.decision)
     new.train(old.training)
-    for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                  "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
-                  "_forward_hooks_always_called"):
-        if hasattr(old, hooks):
-            getattr(new, hooks).update(getattr(old, hooks))
+    # The same dictionaries, not copies: a handle the user holds removes its hook from
+    # both, and hooks registered later on either apply to the module that runs.
+    for attr, value in vars(old).items():
+        if "_hooks" in attr and isinstance(value, dict):  # _forward_hooks_with_kwargs, ...
+            object.__setattr__(new, attr, value)
+    object.__setattr__(new, _REPLACED, old)  # not a child: no state_dict or modules() entry
     return parent, name, new
 
 
-class _CannotRewrite(Exception):
-    pass
+def _stage_functional(owner: nn.Module, planned: list[Planned], failures: dict, built: dict):
+    """(owner, method name, rewritten method, new children) per method of `owner` that makes
+    planned calls; sites that cannot be rewritten go to `failures` with the reason."""
+    by_method: dict[str, list[Planned]] = {}
+    for p in planned:
+        try:
+            if p.site.inplace:
+                raise CannotRewrite("an in-place functional call stays as written (its result "
+                                    "must stay in its input's storage)")
+            if p.site.call_site is None:
+                raise CannotRewrite("the captured graph does not say where the call is in the source")
+            by_method.setdefault(locate(owner, p.site.call_site), []).append(p)
+        except CannotRewrite as e:
+            failures[p.site.rewrite_key] = str(e)
+    staged = []
+    index = 0
+    for name, ps in by_method.items():
+        children: dict[str, nn.Module] = {}
+        targets = []
+        for p in ps:
+            c = p.site.call_site
+            child = _free_name(owner, f"fewbit_{p.site.activation.name}_{index}", children)
+            index += 1
+            children[child] = build_module(p.site, p.decision).train(owner.training)
+            targets.append(Target(c.lineno, c.callee, c.method, child, p.site.activation))
+        try:
+            rewritten = build(owner, name, tuple(targets), owner.__dict__.get(name))
+        except CannotRewrite as e:
+            for p in ps:
+                failures[p.site.rewrite_key] = str(e)
+            continue
+        for p, t in zip(ps, targets):
+            built[p.site.rewrite_key] = children[t.child]
+        staged.append((owner, name, rewritten, children))
+    return staged
 
 
-class _Leaves(fx.Tracer):
-    """Trace only the owner's own code: every child module stays a call."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return True
-
-
-def _stage_functional(model: nn.Module, owner_path: str, planned: list[Planned]):
-    owner = model.get_submodule(owner_path) if owner_path else model
-    if "forward" in owner.__dict__:
-        raise _CannotRewrite(f"{type(owner).__name__}.forward was already replaced")
-    try:
-        graph = _Leaves().trace(owner)
-    except Exception as e:  # noqa: BLE001 - symbolic tracing fails in many legitimate ways
-        raise _CannotRewrite(
-            f"{type(owner).__name__}.forward is not symbolically traceable "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-        ) from None
-    calls = [n for n in graph.nodes if activation_of_node(n) is not None]
-    by_occurrence = {p.site.occurrence: p for p in planned}
-    if max(by_occurrence) >= len(calls):
-        raise _CannotRewrite(
-            f"{type(owner).__name__}.forward traced differently from the captured graph"
-        )
-    children: dict[str, nn.Module] = {}
-    by_key: dict[tuple, nn.Module] = {}
-    for k, p in sorted(by_occurrence.items()):
-        node = calls[k]
-        act, _ = activation_of_node(node)
-        if act != p.site.activation:
-            raise _CannotRewrite(
-                f"{type(owner).__name__}.forward traced differently from the captured graph"
-            )
-        name = _free_name(owner, f"fewbit_{act.name}_{k}")
-        children[name] = by_key[p.site.rewrite_key] = build_module(p.site, p.decision).train(owner.training)
-        with graph.inserting_before(node):
-            call = graph.call_module(name, (node.args[0],))
-        node.replace_all_uses_with(call)
-        graph.erase_node(node)
-    graph.lint()
-    targets = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
-    for t in targets - set(children):
-        if not _has_attr(owner, t):
-            raise _CannotRewrite(f"traced constant {t} has no home in the module")
-    code = fx.GraphModule({t: children.get(t) or _get_attr(owner, t) for t in targets}, graph)
-    # Bind the generated forward to the original instance: attributes resolve against it.
-    return owner, children, types.MethodType(type(code).forward, owner), by_key
+def undo(model: nn.Module) -> int:
+    """Put back what `apply` changed (the original activation modules and methods), so a
+    model can be decided afresh; returns how many rewrites were undone."""
+    count = 0
+    for _, module in list(model.named_modules(remove_duplicate=False)):
+        for name, child in list(module._modules.items()):
+            original = getattr(child, _REPLACED, None) if isinstance(child, (FewBit, Inverted)) else None
+            if original is not None:
+                module._modules[name] = original
+                count += 1
+        for name, value in list(vars(module).items()):
+            if isinstance(value, _Rewritten):
+                for t in value.targets:
+                    module._modules.pop(t.child, None)
+                if value.previous is None:
+                    del module.__dict__[name]
+                else:
+                    module.__dict__[name] = value.previous
+                count += 1
+    return count
 
 
-def _get_attr(module: nn.Module, target: str):
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
+def rewritten_modules(model: nn.Module) -> int:
+    """How many sites of `model` were rewritten by `apply` (0: an untouched model)."""
+    swaps = sum(isinstance(m, (FewBit, Inverted)) and hasattr(m, _REPLACED) for m in model.modules())
+    methods = sum(len(v.targets) for m in model.modules() for v in vars(m).values()
+                  if isinstance(v, _Rewritten))
+    return swaps + methods
 
 
-def _has_attr(module: nn.Module, target: str) -> bool:
-    try:
-        _get_attr(module, target)
-        return True
-    except AttributeError:
-        return False
-
-
-def _free_name(owner: nn.Module, base: str) -> str:
+def _free_name(owner: nn.Module, base: str, taken: dict) -> str:
     name, i = base, 1
-    while hasattr(owner, name):
+    while hasattr(owner, name) or name in taken:
         name, i = f"{base}_{i}", i + 1
     return name

@@ -125,6 +125,22 @@ class SharedInput(nn.Module):
         return self.act(h).sum(-1, keepdim=True) + self.side(h)
 
 
+def shared_helper(h):
+    return F.gelu(h)  # a module-level function: other callers share it
+
+
+class SharedHelper(nn.Module):
+    """The activation call sits in a helper function that is not the module's own."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(D, D)
+        self.fc2 = nn.Linear(D, D)
+
+    def forward(self, x):
+        return self.fc2(shared_helper(self.fc1(x)))
+
+
 class Untraceable(nn.Module):
     """Data-dependent control flow: Dynamo captures it (graph break), fx cannot trace it."""
 
@@ -221,7 +237,11 @@ def test_detect_functional_sites():
         ("inner:tanh#2", "tanh", None),
     ]
     assert {s.owner_path for s in sites} == {"inner"}
-    assert [s.rewrite_key for s in sites] == [("call", "inner", k) for k in range(3)]
+    # keyed by where the call is in the source (one key per call, however often it runs)
+    assert [s.rewrite_key[:2] + s.rewrite_key[3:] for s in sites] == [
+        ("call", "inner", 57, "gelu", False), ("call", "inner", 58, "sigmoid", False),
+        ("call", "inner", 59, "tanh", True)]
+    assert {s.rewrite_key[2] for s in sites} == {__file__}
 
 
 def test_detect_functional_arguments():
@@ -525,14 +545,25 @@ def test_rewrite_functional_children_follow_owner_mode():
     assert not any(m.training for m in model.modules())
 
 
-def test_rewrite_untraceable_owner_left_alone_with_reason():
+def test_rewrite_keeps_data_dependent_branches():
+    """fx could not trace this forward; the source-level rewrite keeps its branch."""
     model = Untraceable()
+    x = x_in()
+    expected = model(x)
+    fewbit_fx.optimize(model, example_inputs=(x,))
+    assert isinstance(model.fewbit_gelu_0, (Inverted, FewBit))
+    assert torch.equal(model(x), expected)
+    assert torch.equal(model(-1e12 * torch.ones_like(x)), Untraceable.forward(model, -1e12 * torch.ones_like(x)))
+
+
+def test_rewrite_shared_helper_left_alone_with_reason():
+    model = SharedHelper()
     x = x_in()
     expected = model(x)
     rep = fewbit_fx.report(model, example_inputs=(x,), measure=False)
     (row,) = rep.rows
     assert row.variant == "kept"
-    assert "not rewritten" in row.reason and "not symbolically traceable" in row.reason
+    assert "not rewritten" in row.reason and "shared_helper()" in row.reason
     fewbit_fx.optimize(model, example_inputs=(x,))
     assert "forward" not in model.__dict__  # left exactly as it was
     assert torch.equal(model(x), expected)  # and it still runs
@@ -545,7 +576,7 @@ def test_rewrite_failure_leaves_model_untouched():
         def __init__(self):
             super().__init__()
             self.mlp = ModuleMLP()
-            self.bad = Untraceable()
+            self.bad = SharedHelper()
 
         def forward(self, x):
             return self.bad(self.mlp(x))
@@ -560,13 +591,13 @@ def test_rewrite_failure_leaves_model_untouched():
 
 
 def test_rewrite_apply_directly_reports_failures():
-    model = Untraceable()
+    model = SharedHelper()
     p = plan(model, (x_in(),), {}, "auto", 3, None)
     applied = rewrite.apply(model, p.planned)
     failures = applied.failures
-    assert list(failures) == [("call", "", 0)]
-    assert ("call", "", 0) not in applied.modules
-    assert "Untraceable.forward is not symbolically traceable" in failures[("call", "", 0)]
+    (key,) = failures
+    assert key not in applied.modules
+    assert "is in shared_helper(), which is not SharedHelper.forward" in failures[key]
 
 
 def test_optimize_twice_is_safe():

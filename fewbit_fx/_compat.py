@@ -1,0 +1,102 @@
+"""The private torch APIs fewbit-fx relies on, in one place, each with its guard.
+
+fewbit-fx is tested on torch 2.13 only (the one release that installs on the project's
+machines); `TESTED_TORCH` is that floor, and the package declares it. Everything that
+reaches into `torch._dynamo`, `torch._functorch` or `torch._inductor` for analysis goes
+through here, so a torch upgrade that moves one of them breaks in one file, with a message.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+import types
+
+import torch
+
+TESTED_TORCH = (2, 13)
+
+
+def torch_version() -> tuple[int, int]:
+    major, minor = re.match(r"(\d+)\.(\d+)", torch.__version__).groups()
+    return int(major), int(minor)
+
+
+def check_torch() -> None:
+    """Refuse a torch older than the tested floor with the fix, instead of failing later
+    inside a private API."""
+    if torch_version() < TESTED_TORCH:
+        raise ImportError(
+            f"fewbit-fx needs torch>={TESTED_TORCH[0]}.{TESTED_TORCH[1]} (found {torch.__version__}); "
+            f"upgrade with: pip install 'torch>={TESTED_TORCH[0]}.{TESTED_TORCH[1]}'")
+
+
+def _eval_frame():
+    return torch._dynamo.eval_frame  # noqa: SLF001 - guarded by check_torch
+
+
+def _cache_entry_count(code: types.CodeType) -> int:
+    ef = _eval_frame()
+    if hasattr(ef, "_get_total_cache_entry_count"):
+        return ef._get_total_cache_entry_count(code)
+    return len(ef._debug_get_cache_entry_list(code))
+
+
+def _seen_codes() -> list[types.CodeType]:
+    """Every code object Dynamo has looked at in this process (weakly held by Dynamo)."""
+    from torch._dynamo import convert_frame
+
+    codes = (ref() for ref in list(convert_frame.input_codes.seen))
+    return [c for c in codes if c is not None]
+
+
+@contextlib.contextmanager
+def dynamo_leaves_no_trace():
+    """Run Dynamo compilations that leave nothing behind in the user's process.
+
+    Every torch.compile adds cache entries to the code objects it traced (the model
+    class's forward, graph-break resume functions, ...). Left there, they count against
+    `recompile_limit`, so after eight analyses of one class the user's own compile of it
+    silently runs eagerly. Afterwards, entries are dropped from every code object that had
+    none before; where the user's own compile already had entries (which must survive),
+    ours stay, but in an isolated region (see `compile_isolated`) that the user's compile
+    neither counts nor runs. The backends this run registered are released too.
+    """
+    ef = _eval_frame()
+    before = {id(c): _cache_entry_count(c) for c in _seen_codes()}
+    backends = set(getattr(ef, "cached_backends", {}))
+    try:
+        yield
+    finally:
+        for code in _seen_codes():
+            if before.get(id(code), 0) == 0 and _cache_entry_count(code) > 0:
+                ef.reset_code(code)
+        cached = getattr(ef, "cached_backends", None)
+        if cached is not None:
+            for key in set(cached) - backends:
+                cached.pop(key, None)
+
+
+def compile_isolated(fn, backend, **kwargs):
+    """torch.compile whose cache entries stay apart from the user's own compiles of the
+    same code (torch >= 2.13: `isolate_recompiles`)."""
+    try:
+        return torch.compile(fn, backend=backend, isolate_recompiles=True, **kwargs)
+    except TypeError:  # an older torch without the argument
+        return torch.compile(fn, backend=backend, **kwargs)
+
+
+def capture_config():
+    """Dynamo settings for an analysis trace: no recompile limit in the way of tracing a
+    model whose class was traced before. (torch >= 2.13 always inlines modules, so every
+    node's `nn_module_stack` is keyed by the id of the module object that ran it.)"""
+    return torch._dynamo.config.patch(  # noqa: SLF001
+        recompile_limit=10**6, accumulated_recompile_limit=10**6)
+
+
+def size_hint(n) -> int:
+    """An int for a size that may be symbolic (a SymInt under dynamic shapes)."""
+    if isinstance(n, int):
+        return n
+    from torch.fx.experimental.symbolic_shapes import hint_int
+
+    return hint_int(n)
