@@ -282,6 +282,8 @@ def _sections(scale: str, out: str) -> list[tuple[str, str, list[str], str | Non
         ("real-models", "per-model report: estimated vs measured saved bytes, all modes",
          py + [str(_SCRIPTS / "real_models_report.py"), model_scale, "--out", out]
          + (["--no-plan-timing"] if quick else []), None),
+        ("stacks", "optimize() on users' stacks (PEFT, checkpointing, accelerate, decorated forwards): saved bytes, exact-mode gradient error",
+         py + [str(_SCRIPTS / "stacks_report.py"), "--out", out], None),
         ("peak", "where a step peaks and how much of the saved-bytes reduction reaches the peak, by depth",
          py + ["-m", "fewbit_fx.bench", "peak", "--scale", model_scale, "--out", out], None),
         ("compiled", "per-site saved bytes under torch.compile default vs the fewbit backend",
@@ -407,6 +409,7 @@ _FILES = {
     "inverse": ["inverse_floor.txt"], "ops": ["ops.txt", "ops.json"],
     "real-models": ["real_models.md", "real_models.json"], "compiled": ["compiled.md"],
     "compile-time": ["compile_time.md"], "anchors": ["anchors.md"], "peak": ["peak.md"],
+    "stacks": ["stacks.md"],
     "convergence": ["convergence.md", "convergence.png", "convergence_runs.json"],
 }
 

@@ -23,7 +23,6 @@ kinks torch takes the right-hand value. A measure-zero set: it does not affect t
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import math
@@ -97,16 +96,15 @@ def derivative_mse(act: Activation, table: Table, density: Density | None = None
     """integral (f' - q)^2 p dx by dense quadrature, independent of the DP's cell sums."""
     lo, hi = _support(density)
     edges = _edges(
-        torch.linspace(lo, hi, 20001, dtype=torch.float64),
-        torch.arange(-_R, lo, _TAIL_STEP / 4, dtype=torch.float64),
-        torch.arange(hi, _R + 1e-9, _TAIL_STEP / 4, dtype=torch.float64),
+        np.linspace(lo, hi, 20001),
+        np.arange(-_R, lo, _TAIL_STEP / 4),
+        np.arange(hi, _R + 1e-9, _TAIL_STEP / 4),
         table.borders,
         _kinks(act, -_R, _R),
     )
-    with _one_thread():
-        x, w = _nodes(edges)
-        err = (act.derivative(x) - table.q(x)) ** 2 * _eval_density(density, x)
-        return float((err * w).sum())
+    x, w = _nodes(edges)
+    err = (_derivative(act, x) - table.q(torch.from_numpy(x)).numpy()) ** 2 * _eval_density(density, x)
+    return float((err * w).sum())
 
 
 class SampleDensity:
@@ -197,47 +195,40 @@ def _check_bits(bits, what: str) -> None:
 @functools.lru_cache(maxsize=_CACHED_FITS)
 def _solve(act: Activation, max_bits: int, density: Density | None) -> tuple[Table, ...]:
     """Tables for bits 1..max_bits (index bits - 1)."""
-    with _one_thread():
-        borders, cells = _cell_moments(act, density)
-        S0, S1, S2 = torch.nn.functional.pad(cells.cumsum(1), (1, 0))
-        wanted = [2**b for b in range(1, max_bits + 1)]
-        _, cuts = _dp_partition(S0, S1, S2, wanted[-1], wanted)
-        return tuple(_make_table(act, borders, cells, cuts[k]) for k in wanted)
+    borders, cells = _cell_moments(act, density)
+    S0, S1, S2 = np.pad(cells.cumsum(1), ((0, 0), (1, 0)))
+    wanted = [2**b for b in range(1, max_bits + 1)]
+    _, cuts = _dp_partition(S0, S1, S2, wanted[-1], wanted)
+    return tuple(_make_table(act, borders, cells, cuts[k]) for k in wanted)
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """The DP is thousands of small ops: intra-op threads only add barrier waits, which
-    on a busy machine made it 20x slower. (torch's thread count is process-wide.)"""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-def _dp_partition(S0: Tensor, S1: Tensor, S2: Tensor, K: int,
+# Fitting runs in NumPy (float64, on the calling thread): the DP is thousands of small ops,
+# and torch would spread each over its intra-op thread pool, whose barrier waits made it 20x
+# slower on a busy machine. Limiting torch's threads instead would be process-wide, and refits
+# run during the user's training. Only f' itself (Activation.derivative) is computed by torch.
+def _dp_partition(S0, S1, S2, K: int,
                   wanted: list[int] | None = None) -> tuple[Tensor, dict[int, Tensor]]:
     """Optimal split of N cells into k contiguous segments, for every k = 1..K.
 
-    S0, S1, S2 are prefix sums (length N + 1, leading 0) of the cells' weight w, w*v and
-    w*v^2; a segment's cost is its weighted sum of squares about its weighted mean,
-    S2 - S1^2 / S0. Returns the optimal total costs (index k - 1) and, for each k in
-    `wanted` (default all), the k - 1 cut positions (ascending, in 1..N-1; cut c separates
-    cells c - 1 and c). D[k, j] = min_i D[k-1, i] + cost(i, j) is a blocked, pruned
-    min-plus product; only values are kept, argmins are recomputed while backtracking.
-    Once the cost is zero (<= _ZERO_REL * S2[N], e.g. ReLU once every linear piece has its
-    own segment) more segments cannot help: the DP stops and larger k split segments.
+    S0, S1, S2 are prefix sums (length N + 1, leading 0; tensors or arrays) of the cells'
+    weight w, w*v and w*v^2; a segment's cost is its weighted sum of squares about its
+    weighted mean, S2 - S1^2 / S0. Returns the optimal total costs (float64 tensor, index
+    k - 1) and, for each k in `wanted` (default all), the k - 1 cut positions (long tensor,
+    ascending, in 1..N-1; cut c separates cells c - 1 and c). D[k, j] = min_i D[k-1, i] +
+    cost(i, j) is a blocked, pruned min-plus product; only values are kept, argmins are
+    recomputed while backtracking. Once the cost is zero (<= _ZERO_REL * S2[N], e.g. ReLU
+    once every linear piece has its own segment) more segments cannot help: the DP stops
+    and larger k split segments.
     """
-    N = S0.numel() - 1
+    S0, S1, S2 = (np.asarray(S, dtype=np.float64) for S in (S0, S1, S2))
+    N = S0.size - 1
     if not 1 <= K <= N:
         raise ValueError(f"cannot split {N} cells into {K} segments")
     costT = _segment_costs(S0, S1, S2)
-    diag = torch.cat([costT.new_full((1,), torch.inf), costT.diagonal(-1)])  # cost(j-1, j)
-    D = torch.full((K + 1, N + 1), torch.inf, dtype=torch.float64)
+    diag = np.concatenate([[np.inf], np.diagonal(costT, -1)])  # cost(j-1, j)
+    D = np.full((K + 1, N + 1), np.inf)
     D[1] = costT[:, 0]
-    buf = torch.empty(_BLOCK * (N + 1), dtype=torch.float64)  # reused: big temporaries page-fault
+    buf = np.empty(_BLOCK * (N + 1))  # reused: big temporaries page-fault
     last = K
     for k in range(2, K + 1):
         if D[k - 1, N] <= _ZERO_REL * S2[N]:
@@ -247,42 +238,50 @@ def _dp_partition(S0: Tensor, S1: Tensor, S2: Tensor, K: int,
         # Prune: cost(i, j) >= cost(i, j0) for j >= j0, so in a block of columns j0..j1-1
         # a row i with D[k-1, i] + cost(i, j0) above every column's candidate i = j - 1
         # cannot win. Skip the rows before the first one that might.
-        j0s = torch.arange(k, N + 1, _BLOCK)
-        cand = torch.nn.functional.pad(prev[k - 1:N] + diag[k:],
-                                       (0, len(j0s) * _BLOCK - N - 1 + k), value=-torch.inf)
-        ub = cand.view(len(j0s), _BLOCK).amax(1, keepdim=True)
-        a = (k - 1 + (costT[j0s, k - 1:] + prev[k - 1:] <= ub).to(torch.uint8).argmax(1)).tolist()
-        for j0, a0 in zip(j0s.tolist(), a):
+        j0s = np.arange(k, N + 1, _BLOCK)
+        cand = np.full(len(j0s) * _BLOCK, -np.inf)
+        cand[: N + 1 - k] = prev[k - 1:N] + diag[k:]
+        ub = cand.reshape(len(j0s), _BLOCK).max(1, keepdims=True)
+        a = k - 1 + np.argmax(costT[j0s, k - 1:] + prev[k - 1:] <= ub, axis=1)
+        for j0, a0 in zip(j0s.tolist(), a.tolist()):
             j1 = min(j0 + _BLOCK, N + 1)
-            tmp = torch.add(costT[j0:j1, a0:j1], prev[a0:j1],
-                            out=buf[: (j1 - j0) * (j1 - a0)].view(j1 - j0, j1 - a0))
-            torch.amin(tmp, dim=1, out=D[k, j0:j1])
+            tmp = buf[: (j1 - j0) * (j1 - a0)].reshape(j1 - j0, j1 - a0)
+            np.add(costT[j0:j1, a0:j1], prev[a0:j1], out=tmp)
+            tmp.min(axis=1, out=D[k, j0:j1])
 
     cuts = {}
     for k in wanted if wanted is not None else range(1, K + 1):
         j, found = N, []
         for kk in range(min(k, last), 1, -1):
-            j = int(torch.argmin(D[kk - 1, :j] + costT[j, :j]))
+            j = int(np.argmin(D[kk - 1, :j] + costT[j, :j]))
             found.append(j)
         cuts[k] = _split_widest(found[::-1], k, N)
-    costs = D[1:, N].clone()
+    costs = D[1:, N].copy()
     costs[last:] = costs[last - 1]
-    return costs, cuts
+    return torch.from_numpy(costs), cuts
 
 
-def _segment_costs(S0: Tensor, S1: Tensor, S2: Tensor) -> Tensor:
+def _segment_costs(S0: np.ndarray, S1: np.ndarray, S2: np.ndarray) -> np.ndarray:
     """costT[j, i] = cost of cells i..j-1 (inf unless i < j), built in cache-sized row blocks."""
-    N = S0.numel() - 1
-    costT = torch.empty((N + 1, N + 1), dtype=torch.float64)
-    costT[0] = torch.inf
+    N = S0.size - 1
+    costT = np.empty((N + 1, N + 1))
+    costT[0] = np.inf
+    scratch = np.empty((2, _BLOCK * (N + 1)))  # reused: big temporaries page-fault
+    upper = np.arange(_BLOCK) >= np.arange(_BLOCK)[:, None]  # i >= j within a diagonal block
     for r0 in range(1, N + 1, _BLOCK):
         r1 = min(r0 + _BLOCK, N + 1)
-        s0 = S0[r0:r1, None] - S0[None, :r1]
-        s1 = S1[r0:r1, None] - S1[None, :r1]
-        c = torch.sub(S2[r0:r1, None], S2[None, :r1], out=costT[r0:r1, :r1])
-        c.sub_(torch.where(s0 > 0, s1.mul_(s1).div_(s0), 0.0)).clamp_min_(0)  # s0 = 0: no mass
-        c.masked_fill_(torch.arange(r1) >= torch.arange(r0, r1)[:, None], torch.inf)
-        costT[r0:r1, r1:] = torch.inf
+        n = (r1 - r0) * r1
+        s0 = np.subtract(S0[r0:r1, None], S0[:r1], out=scratch[0, :n].reshape(r1 - r0, r1))
+        s1 = np.subtract(S1[r0:r1, None], S1[:r1], out=scratch[1, :n].reshape(r1 - r0, r1))
+        c = np.subtract(S2[r0:r1, None], S2[:r1], out=costT[r0:r1, :r1])
+        np.multiply(s1, s1, out=s1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            np.divide(s1, s0, out=s1)
+        np.copyto(s1, 0.0, where=s0 <= 0)  # no mass: no mean term (not 0/0)
+        c -= s1
+        np.maximum(c, 0.0, out=c)
+        c[:, r0:][upper[: r1 - r0, : r1 - r0]] = np.inf  # columns i < r0 are all below j
+        costT[r0:r1, r1:] = np.inf
     return costT
 
 
@@ -295,77 +294,84 @@ def _split_widest(cuts: list[int], k: int, N: int) -> Tensor:
     return torch.tensor(edges[1:-1], dtype=torch.long)
 
 
-def _make_table(act: Activation, borders: Tensor, cells: Tensor, cuts: Tensor) -> Table:
+def _make_table(act: Activation, borders: np.ndarray, cells: np.ndarray, cuts: Tensor) -> Table:
     """Levels and mse from direct per-segment sums (more accurate than prefix differences)."""
-    seg = torch.bucketize(torch.arange(cells.shape[1]), cuts, right=True)
-    sums = torch.zeros(3, cuts.numel() + 1, dtype=torch.float64).index_add_(1, seg, cells)
-    m0, m1, m2 = sums
+    cuts = cuts.numpy()
+    seg = np.searchsorted(cuts, np.arange(cells.shape[1]), side="right")
+    m0, m1, m2 = (np.bincount(seg, weights=c, minlength=cuts.size + 1) for c in cells)
     b = borders[cuts - 1]
-    # An interval without mass keeps f' at its midpoint (ends clipped to +-_R): never NaN.
-    ends = torch.cat([b.new_tensor([-_R]), b, b.new_tensor([_R])])
-    fallback = act.derivative(0.5 * (ends[:-1] + ends[1:]))
     has_mass = m0 > 0
-    levels = torch.where(has_mass, m1 / torch.where(has_mass, m0, 1.0), fallback)
-    mse = float(torch.where(has_mass, m2 - m1 * levels, m2).clamp_min(0).sum())
+    levels = m1 / np.where(has_mass, m0, 1.0)
+    if not has_mass.all():
+        # An interval without mass keeps f' at its midpoint (ends clipped to +-_R): never NaN.
+        ends = np.concatenate([[-_R], b, [_R]])
+        levels = np.where(has_mass, levels, _derivative(act, 0.5 * (ends[:-1] + ends[1:])))
+    mse = float(np.maximum(np.where(has_mass, m2 - m1 * levels, m2), 0.0).sum())
     total = float(m2.sum())
     rel = math.sqrt(mse / total) if total > 0 else 0.0
-    return Table(borders=b, levels=levels, mse=mse, rel_rmse=rel)
+    return Table(borders=torch.from_numpy(b), levels=torch.from_numpy(levels), mse=mse, rel_rmse=rel)
 
 
-# --- grid and quadrature --------------------------------------------------------------------
+# --- grid and quadrature (NumPy too, see _dp_partition) --------------------------------------
 @functools.lru_cache(maxsize=_CACHED_FITS)
-def _cell_moments(act: Activation, density: Density | None) -> tuple[Tensor, Tensor]:
+def _cell_moments(act: Activation, density: Density | None) -> tuple[np.ndarray, np.ndarray]:
     """Candidate borders (GRID_CELLS - 1, or the density's own `grid_cells` - 1, kinks
     included) and per-cell integrals of p, f'p, f'^2 p (3 x cells); the outer cells reach
-    to -+_R, i.e. hold the tails."""
+    to -+_R, i.e. hold the tails. Read-only: they are cached."""
     lo, hi = _support(density)
     borders = _shaped_grid(density, lo, hi, getattr(density, "grid_cells", GRID_CELLS) - 1)
     for k in _kinks(act, lo, hi):
         if lo < k < hi:  # the nearest interior grid point moves onto the kink
-            borders[1 + torch.argmin((borders[1:-1] - k).abs())] = k
+            borders[1 + np.argmin(np.abs(borders[1:-1] - k))] = k
     borders = _edges(borders)
     edges = _edges(
         borders,
-        torch.arange(-_R, lo, _TAIL_STEP, dtype=torch.float64),
-        torch.arange(hi, _R + 1e-9, _TAIL_STEP, dtype=torch.float64),
+        np.arange(-_R, lo, _TAIL_STEP),
+        np.arange(hi, _R + 1e-9, _TAIL_STEP),
         _kinks(act, -_R, _R),
     )
     x, w = _nodes(edges)
     p = _eval_density(density, x) * w
-    d = act.derivative(x)
-    parts = torch.stack([p, p * d, p * d * d]).view(3, -1, _GL_NODES).sum(2)
-    mids = 0.5 * (edges[:-1] + edges[1:])
-    cell = torch.bucketize(mids, borders)
-    cells = torch.zeros(3, borders.numel() + 1, dtype=torch.float64).index_add_(1, cell, parts)
+    d = _derivative(act, x)
+    parts = np.stack([p, p * d, p * d * d]).reshape(3, -1, _GL_NODES).sum(2)
+    cell = np.searchsorted(borders, 0.5 * (edges[:-1] + edges[1:]))  # = torch.bucketize
+    cells = np.stack([np.bincount(cell, weights=q, minlength=borders.size + 1) for q in parts])
     mass = float(cells[0].sum())
     if abs(mass - 1.0) > 1e-3:  # loose: a density's own jumps cost some quadrature accuracy
         raise ValueError(f"density integrates to {mass:.9g} on [-{_R:g}, {_R:g}]; it must be "
                          "normalised with negligible mass outside that range")
+    borders.setflags(write=False)
+    cells.setflags(write=False)
     return borders, cells
 
 
-def _shaped_grid(density: Density | None, lo: float, hi: float, n: int) -> Tensor:
+def _derivative(act: Activation, x: np.ndarray) -> np.ndarray:
+    """f' at x: the one torch computation of a fit (autograd of the torch op itself)."""
+    return act.derivative(torch.from_numpy(x)).numpy()
+
+
+def _shaped_grid(density: Density | None, lo: float, hi: float, n: int) -> np.ndarray:
     """n points from lo to hi, spaced ~ 1 / (p^(1/3) + floor): the asymptotically optimal
     border density for smooth f' is ~ (p f''^2)^(1/3), and f'' is unknown here."""
-    e = torch.arange(lo, hi + _PROBE / 2, _PROBE, dtype=torch.float64)
+    e = np.arange(lo, hi + _PROBE / 2, _PROBE)
     e[-1] = hi
-    p = _eval_density(density, 0.5 * (e[:-1] + e[1:])).clamp_min(0) ** (1 / 3)
+    p = np.maximum(_eval_density(density, 0.5 * (e[:-1] + e[1:])), 0.0)
+    p = (torch.from_numpy(p) ** (1 / 3)).numpy()  # torch's pow: the grid stays bit-identical
     w = (p / p.max() + _FLOOR) * (e[1:] - e[:-1])
-    cdf = torch.cat([w.new_zeros(1), w.cumsum(0)])
-    t = np.linspace(0.0, float(cdf[-1]), n)
-    g = torch.from_numpy(np.interp(t, cdf.numpy(), e.numpy()))
+    cdf = np.concatenate([[0.0], w.cumsum()])
+    g = np.interp(np.linspace(0.0, cdf[-1], n), cdf, e)
     g[0], g[-1] = lo, hi
     # Snap to multiples of 2^-20 that are float32 numbers: a float32/bf16 kernel comparing
     # against float32 borders then gets exactly Table.codes, and symmetric p gives 0 exactly.
-    return (torch.round(g * 2**20) / 2**20).float().double()
+    return (np.round(g * 2**20) / 2**20).astype(np.float32).astype(np.float64)
 
 
 @functools.lru_cache(maxsize=_CACHED_FITS)
 def _support(density: Density | None) -> tuple[float, float]:
     """Range outside which the density has < _TAIL_EPS mass, rounded outward to 0.5."""
-    e = torch.arange(-_R, _R + _PROBE / 2, _PROBE, dtype=torch.float64)
+    e = np.arange(-_R, _R + _PROBE / 2, _PROBE)
     mass = _eval_density(density, 0.5 * (e[:-1] + e[1:])) * _PROBE
-    cdf = torch.cat([mass.new_zeros(1), mass.cumsum(0)])
+    cdf = np.concatenate([[0.0], mass.cumsum()])
     total = float(cdf[-1])
     if not math.isfinite(total) or total <= 0:
         raise ValueError("density must be non-negative with positive finite mass")
@@ -377,36 +383,37 @@ def _support(density: Density | None) -> tuple[float, float]:
     return lo, hi
 
 
-def _eval_density(density: Density | None, x: Tensor) -> Tensor:
+def _eval_density(density: Density | None, x: np.ndarray) -> np.ndarray:
     if density is None:
-        return torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+        return np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
     try:  # numpy first: numpy ufuncs on tensors warn; torch ops on arrays raise
-        y = density(x.numpy())
-    except Exception:
         y = density(x)
-    y = torch.as_tensor(y if isinstance(y, Tensor) else np.asarray(y), dtype=torch.float64)
-    y = y.broadcast_to(x.shape)
-    if not bool(torch.isfinite(y).all()) or bool((y < 0).any()):
+    except Exception:
+        y = density(torch.from_numpy(x))
+    if isinstance(y, Tensor):
+        y = y.detach().cpu()
+    y = np.broadcast_to(np.asarray(y, dtype=np.float64), x.shape)
+    if not np.isfinite(y).all() or (y < 0).any():
         raise ValueError("density must return finite non-negative values")
     return y
 
 
-def _kinks(act: Activation, lo: float, hi: float) -> Tensor:
-    k = torch.tensor(act.kinks, dtype=torch.float64)
+def _kinks(act: Activation, lo: float, hi: float) -> np.ndarray:
+    k = np.array(act.kinks, dtype=np.float64)
     return k[(k >= lo) & (k <= hi)]
 
 
-def _edges(*parts: Tensor) -> Tensor:
-    return torch.unique(torch.cat([p.to(torch.float64).reshape(-1) for p in parts]))
+def _edges(*parts) -> np.ndarray:
+    """Sorted distinct points of all parts (arrays or tensors)."""
+    return np.unique(np.concatenate([np.asarray(p, dtype=np.float64).reshape(-1) for p in parts]))
 
 
 @functools.lru_cache(maxsize=None)
-def _gauss_legendre() -> tuple[Tensor, Tensor]:
-    x, w = np.polynomial.legendre.leggauss(_GL_NODES)
-    return torch.from_numpy(x), torch.from_numpy(w)
+def _gauss_legendre() -> tuple[np.ndarray, np.ndarray]:
+    return np.polynomial.legendre.leggauss(_GL_NODES)
 
 
-def _nodes(edges: Tensor) -> tuple[Tensor, Tensor]:
+def _nodes(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Gauss-Legendre nodes and weights on every interval of `edges`, interval-major."""
     gx, gw = _gauss_legendre()
     half = 0.5 * (edges[1:] - edges[:-1])[:, None]

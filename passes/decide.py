@@ -52,13 +52,15 @@ def site_mode(site: Site, mode: str, bits: int, overrides: dict[str, str] | None
     return mode, bits
 
 
-def decide(site: Site, saves: SiteSaves, mode: str, bits: int) -> Decision:
+def decide(site: Site, saves: SiteSaves, mode: str, bits: int, forced: bool = False) -> Decision:
+    """`forced`: return the mode's variant wherever it is safe, even if it saves nothing
+    here (a module shared with sites where it does save)."""
     if mode == "keep":
         return Decision("kept", None, saves.saved_before, "kept by an override")
     if saves.x_reused_after:
         return Decision("kept", None, saves.saved_before,
                         "in-place activation whose input is read again later")
-    if saves.saved_before == 0:
+    if saves.saved_before == 0 and not forced:
         why = (f"its input is kept anyway by {saves.x_kept_by[0]}" if saves.x_kept_by
                else "it keeps nothing that others do not keep already")
         return Decision("kept", None, 0, f"no saving possible: {why}")
@@ -79,7 +81,7 @@ def decide(site: Site, saves: SiteSaves, mode: str, bits: int) -> Decision:
         return Decision("kept", None, saves.saved_before,
                         "output is modified in place later, so it cannot be saved (exact mode)")
     best = min(candidates, key=lambda d: (d.saved_after, d.variant != "inverted"))
-    if best.saved_after >= saves.saved_before:
+    if best.saved_after >= saves.saved_before and not forced:
         return Decision("kept", None, saves.saved_before,
                         f"{best.label} would keep {best.saved_after} B, no less than now")
     if site.checkpointed:

@@ -36,7 +36,10 @@ def plan_graphs(graphs: list[fx.GraphModule], mode: str, bits: int,
 
 
 def _agree_per_key(planned: list[Planned]) -> list[Planned]:
-    """A module called at several sites gets one variant: the one with the least total."""
+    """A module called at several sites (or one source call that ran several times) gets one
+    variant for all of them, since one swap serves every call: the variant with the least
+    total that every site accepts, or kept everywhere. (A variant one site must refuse, such
+    as inverted where that call's output is modified in place, cannot serve the others.)"""
     groups: dict[tuple, list[Planned]] = {}
     for p in planned:
         groups.setdefault(p.site.rewrite_key, []).append(p)
@@ -45,12 +48,17 @@ def _agree_per_key(planned: list[Planned]) -> list[Planned]:
         if len({p.decision.label for p in group}) == 1:
             out += group
             continue
-        options = []
+        options = [[decide.decide(p.site, p.saves, "keep", 3) for p in group]]
         for p0 in group:
             forced = _mode_for(p0.decision)
-            ds = [decide.decide(p.site, p.saves, *forced) for p in group]
-            options.append((sum(d.saved_after for d in ds), ds))
-        _, best = min(options, key=lambda o: o[0])
+            ds = [decide.decide(p.site, p.saves, *forced, forced=True) for p in group]
+            if len({d.label for d in ds}) == 1:
+                options.append(ds)
+        best = min(options, key=lambda ds: sum(d.saved_after for d in ds))
+        if best is options[0]:
+            best = [decide.Decision("kept", None, d.saved_after,
+                                    "called at several sites that need different variants; one "
+                                    "module serves them all, so it stays as it is") for d in best]
         out += [Planned(p.site, p.saves, d) for p, d in zip(group, best)]
     return out
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fewbit_fx import activations
+from fewbit_fx.nn import FewBit
 from fewbit_fx.tables import (
     SampleDensity, _dp_partition, all_tables, derivative_mse, optimal_table, sample_rel_rmse,
 )
@@ -191,3 +192,26 @@ def test_sample_rel_rmse_agrees_with_quadrature():
     table = optimal_table(gelu, 3)
     x = torch.randn(2_000_000, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     assert sample_rel_rmse(gelu, table, x) == pytest.approx(table.rel_rmse, rel=0.02)
+
+
+# --- fitting leaves the user's process alone ---------------------------------------------------
+def test_fitting_never_sets_torch_thread_count(monkeypatch):
+    """Refits run during the user's training, and torch's thread count is process-wide: a fit
+    must neither change it nor call torch.set_num_threads at all (issue 14)."""
+    calls = []
+
+    def no_set_num_threads(n):
+        calls.append(n)
+        raise AssertionError(f"torch.set_num_threads({n}) called while fitting a table")
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(torch, "set_num_threads", no_set_num_threads)
+    # Samples no other test uses, so every fit below runs the DP (no cache hit).
+    x = torch.randn(6000, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    density = SampleDensity(x * 1.3 - 0.4)
+    gelu = activations.get("gelu")
+    optimal_table(gelu, 3, density)
+    derivative_mse(gelu, all_tables(activations.get("silu"), 4, density)[4], density)
+    FewBit(torch.nn.GELU(), bits=2).fit(x.float() * 0.7 + 0.2)
+    assert calls == []
+    assert torch.get_num_threads() == before

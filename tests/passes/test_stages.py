@@ -667,3 +667,44 @@ def test_no_activation_model_is_fine():
     ref = copy.deepcopy(model)
     fewbit_fx.optimize(model, example_inputs=(x_in(),))
     assert torch.equal(model(x_in()), ref(x_in()))
+
+
+class SharedAct(nn.Module):
+    """One activation module at two sites; the second one's output is modified in place,
+    so inverted cannot serve it (issue 18, item 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.big, self.small, self.out = nn.Linear(D, 4 * D), nn.Linear(D, 4 * D), nn.Linear(4 * D, D)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        a = self.act(self.big(x))
+        b = self.act(self.small(x))
+        b.add_(1)
+        return self.out(a) + b.sum()
+
+
+@pytest.mark.parametrize("mode", ["auto", "exact"])
+def test_shared_module_gets_one_variant_every_site_accepts(mode):
+    x = x_in()
+    model = SharedAct()
+    reference = copy.deepcopy(model)
+    fewbit_fx.optimize(model, example_inputs=(x,), mode=mode)
+    rows = fewbit_fx.report(model).rows
+    assert len({r.variant for r in rows}) == 1 and rows[0].variant != "inverted"
+    assert torch.equal(model(x), reference(x))
+    model(x).sum().backward()  # crashed in backward when the module was swapped for Inverted
+
+
+def test_optimize_an_optimized_model_decides_afresh():
+    """auto then exact: no few-bit site may survive into exact mode (issue 18, item 5)."""
+    x = x_in()
+    model = ModuleMLP(frozen_fc2=True)
+    fewbit_fx.optimize(model, example_inputs=(x,), mode="auto")
+    assert isinstance(model.act, FewBit)
+    fewbit_fx.optimize(model, example_inputs=(x,), mode="exact")
+    assert not any(isinstance(m, FewBit) for m in model.modules())
+    # frozen consumer: inverted would save what the original saves, so exact keeps it
+    assert [r.variant for r in fewbit_fx.report(model).rows] == ["kept"]
+    assert type(model.act) is nn.GELU
