@@ -90,7 +90,8 @@ def capture_config():
     model whose class was traced before. (torch >= 2.13 always inlines modules, so every
     node's `nn_module_stack` is keyed by the id of the module object that ran it.)"""
     return torch._dynamo.config.patch(  # noqa: SLF001
-        recompile_limit=10**6, accumulated_recompile_limit=10**6)
+        recompile_limit=10**6, accumulated_recompile_limit=10**6,
+        optimize_ddp=False)  # DDP's graph splitting at bucket bounds would hide consumers
 
 
 def size_hint(n) -> int:

@@ -213,9 +213,13 @@ def report(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode: 
         return compiled_report(model, example_inputs=example_inputs, example_kwargs=example_kwargs,
                                mode=mode, bits=bits, overrides=overrides)
     if example_inputs is None and example_kwargs is None:
-        existing = getattr(model, "_fewbit_report", None)
+        inner = model
+        while getattr(inner, "_fewbit_report", None) is None and isinstance(
+                getattr(inner, "module", None), nn.Module):  # DDP and friends hold it as .module
+            inner = inner.module
+        existing = getattr(inner, "_fewbit_report", None)
         if existing is not None:
-            return _with_staleness(model, existing)
+            return _with_staleness(inner, existing)
         raise ValueError("report() needs example_inputs and/or example_kwargs to run the model "
                          "(or a model that fewbit_fx.optimize has rewritten, to show what it did)")
     args, kwargs = _inputs(example_inputs, example_kwargs)
