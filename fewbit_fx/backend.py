@@ -41,7 +41,7 @@ def backend(mode: str = "auto", bits: int = 3, overrides: dict[str, str] | None 
     def fewbit(gm: fx.GraphModule, example_inputs):
         from torch._inductor.compile_fx import compile_fx
 
-        original = copy.deepcopy(gm.graph)
+        original = _snapshot(gm.graph)
         try:
             planned = plan_graph(gm, mode, bits, overrides)
             rewrite_graph(gm, planned)
@@ -62,6 +62,17 @@ def backend(mode: str = "auto", bits: int = 3, overrides: dict[str, str] | None 
     return fewbit
 
 
+def _snapshot(graph: fx.Graph) -> fx.Graph:
+    """A copy of the graph to fall back to, with what deepcopy drops: Dynamo keeps each
+    placeholder's source as a node attribute (`_dynamo_source`) that AOTAutograd reads."""
+    snapshot = copy.deepcopy(graph)
+    for old, new in zip(graph.nodes, snapshot.nodes):
+        for k, v in vars(old).items():
+            if k not in vars(new):
+                setattr(new, k, v)
+    return snapshot
+
+
 def fewbit_backend(gm: fx.GraphModule, example_inputs):
     """Entry point for backend="fewbit" (default settings)."""
     return backend()(gm, example_inputs)
@@ -75,23 +86,26 @@ def plan_graph(gm: fx.GraphModule, mode: str, bits: int,
 def rewrite_graph(gm: fx.GraphModule, planned: list[Planned]) -> int:
     """Replace each chosen site's nodes by the custom op; returns how many were rewritten."""
     count = 0
+    replaced: dict[fx.Node, fx.Node] = {}  # a rewritten site's output -> its new y
     for p in planned:
         if p.decision.variant == "kept" or p.site.inplace:
             continue
         site, act = p.site, p.site.activation
+        x = replaced.get(site.input, site.input)  # its input may be an earlier site's output
         graph = gm.graph
         with graph.inserting_before(site.output.next):  # keeps insertion order
             if p.decision.variant == "inverted":
                 call = graph.call_function(
-                    torch.ops.fewbit_fx.inverted_forward.default, (site.input, act.name, act.param_list))
+                    torch.ops.fewbit_fx.inverted_forward.default, (x, act.name, act.param_list))
             else:
                 borders, levels = _table_nodes(graph, site, p.decision.bits)
                 call = graph.call_function(
                     torch.ops.fewbit_fx.fewbit_forward.default,
-                    (site.input, act.name, act.param_list, borders, levels, p.decision.bits))
+                    (x, act.name, act.param_list, borders, levels, p.decision.bits))
             y = graph.call_function(operator.getitem, (call, 0))
         y.meta.update(site.output.meta)
         site.output.replace_all_uses_with(y)
+        replaced[site.output] = y
         for node in reversed(site.nodes):
             if not node.users:
                 graph.erase_node(node)

@@ -17,6 +17,7 @@ and deep-copies by rebuilding itself from the source (`_Rewritten.__reduce__`).
 from __future__ import annotations
 
 import ast
+import copy
 import functools
 import inspect
 import re
@@ -183,14 +184,15 @@ def _looked_up(owner: nn.Module, name: str):
     return getattr(type(owner), name, None)
 
 
-def _chain(top) -> list[types.FunctionType]:
-    """The function behind `top` and every function it wraps (`__wrapped__`), outermost first."""
+def _chain(top) -> list:
+    """The callable behind `top` and everything it wraps (`__wrapped__`), outermost first;
+    empty unless the innermost is a Python function (the one to rewrite)."""
     fn = getattr(top, "__func__", top)
     chain = []
-    while isinstance(fn, types.FunctionType) and fn not in chain:
+    while fn is not None and not any(fn is c for c in chain):
         chain.append(fn)
         fn = getattr(fn, "__wrapped__", None)
-    return chain
+    return chain if chain and isinstance(chain[-1], types.FunctionType) else []
 
 
 def _holds(fn: types.FunctionType, site: CallSite) -> bool:
@@ -201,12 +203,26 @@ def _holds(fn: types.FunctionType, site: CallSite) -> bool:
     return bool(lines) and code.co_firstlineno <= site.lineno <= max(lines)
 
 
-def _rewrap(wrapper: types.FunctionType, wrapped, new_inner) -> types.FunctionType:
-    """A copy of a decorator's wrapper whose closure holds `new_inner` instead of `wrapped`."""
+def _rewrap(wrapper, wrapped, new_inner):
+    """A copy of a decorator's wrapper that calls `new_inner` instead of `wrapped`: a function
+    holding it in its closure, or an object holding it as an attribute (accelerate's
+    ConvertOutputsToFp32)."""
+    if not isinstance(wrapper, types.FunctionType):
+        new = object.__new__(type(wrapper))  # not copy.copy: such wrappers may refuse pickling
+        new.__dict__.update(vars(wrapper))
+        held = [k for k, v in vars(new).items() if v is wrapped]
+        if not held:
+            raise CannotRewrite(f"the wrapper {type(wrapper).__name__} around {wrapped.__qualname__} "
+                                "does not hold it as an attribute, so the rewritten function "
+                                "cannot be put in its place")
+        for k in held:
+            new.__dict__[k] = new_inner
+        return new
     cells = wrapper.__closure__ or ()
     if not any(_cell_contents(c) is wrapped for c in cells):
-        raise CannotRewrite(f"the decorator around {wrapped.__qualname__} does not hold it in "
-                            "its closure, so the rewritten function cannot be put in its place")
+        raise CannotRewrite(f"the decorator around {getattr(wrapped, '__qualname__', wrapped)} does "
+                            "not hold it in its closure, so the rewritten function cannot be put "
+                            "in its place")
     closure = tuple(types.CellType(new_inner) if _cell_contents(c) is wrapped else c for c in cells)
     new = types.FunctionType(wrapper.__code__, wrapper.__globals__, wrapper.__name__,
                              wrapper.__defaults__, closure)
@@ -246,8 +262,6 @@ def _function_ast(fn: types.FunctionType) -> tuple[ast.FunctionDef, int]:
 
 
 def _rewrite_function(fn: types.FunctionType, targets: tuple[Target, ...]) -> types.FunctionType:
-    import copy
-
     definition, offset = _function_ast(fn)
     definition = copy.deepcopy(definition)
     if isinstance(definition, ast.AsyncFunctionDef):

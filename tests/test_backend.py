@@ -221,3 +221,51 @@ def test_activation_after_a_norm_is_left_alone_and_saves_what_the_default_saves(
     # eager autograd keeps the norm's output for the activation, so optimize() rewrites it
     eager = fewbit_fx.report(model, example_inputs=(x,), mode="exact", measure=False)
     assert [r.variant for r in eager.rows] == ["inverted"]
+
+
+class Chained(nn.Module):
+    """One rewritten activation feeding another (issue 18, item 7)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = torch.nn.functional.tanhshrink(self.l1(x))
+        return torch.sigmoid(y).sum() + y.sum()
+
+
+def test_a_rewritten_activation_feeding_another_compiles():
+    import copy
+
+    torch.manual_seed(0)
+    model, x = Chained(), torch.randn(4, 8)
+    eager = fewbit_fx.optimize(copy.deepcopy(model), example_inputs=(x,), mode="fewbit", tables="normal")
+    expected = eager(x)
+    expected.backward()
+    be = fewbit_fx.backend(mode="fewbit", strict=True)
+    out = compiled(model, be)(x)
+    out.backward()
+    assert sum(p.decision.variant != "kept" for plan in be.plans for p in plan) == 2
+    torch.testing.assert_close(out, expected)
+    for p, q in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_a_failing_rewrite_falls_back_to_the_untouched_graph(monkeypatch):
+    import sys
+
+    backend_module = sys.modules["fewbit_fx.backend"]  # the module (fewbit_fx.backend is the function)
+    real = backend_module.rewrite_graph
+
+    def broken(gm, planned):
+        real(gm, planned)  # mutate the graph, then fail
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(backend_module, "rewrite_graph", broken)
+    torch.manual_seed(0)
+    model, x = MLP(nn.GELU()), torch.randn(4, 64)
+    expected = model(x)
+    with pytest.warns(RuntimeWarning, match="injected failure"):
+        out = compiled(model, fewbit_fx.backend(mode="exact"))(x)
+    torch.testing.assert_close(out, expected)

@@ -181,17 +181,9 @@ def _step(model, x, y):
     return out.detach(), h.grads(model)
 
 
-BF16_AFTER_PREPARE = pytest.mark.xfail(strict=True, reason=(
-    "accelerate's bf16 prepare puts an autocast wrapper in the instance's forward that does not "
-    "expose the function it wraps, so functional calls in the root's forward are kept (the "
-    "output and gradients are still right). Optimize before prepare (README)."))
-
-
 @pytest.mark.parametrize("when", ["after", "before"], ids=["optimize-after-prepare", "optimize-before-prepare"])
 @pytest.mark.parametrize("precision", ["no", "bf16"], ids=["fp32", "bf16"])
-def test_accelerate_prepare(precision, when, accelerator_factory, request):
-    if precision == "bf16" and when == "after":
-        request.applymarker(BF16_AFTER_PREPARE)
+def test_accelerate_prepare(precision, when, accelerator_factory):
     accelerator = accelerator_factory(mixed_precision=precision)
     x, y = h.make_batch()
     bare = h.reference("exact")["decisions"]
