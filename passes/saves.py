@@ -8,6 +8,8 @@ toward exact gradients (inverted) and toward leaving a site alone, never toward 
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
 from dataclasses import dataclass, field
 
@@ -178,13 +180,39 @@ def _advanced_index(node: fx.Node) -> bool:
 
 
 def _mutates(node: fx.Node) -> bool:
+    """True when the node writes into its first argument: a method ending in `_`, item
+    assignment, an augmented operator, `inplace=True` given by name or by position, or a
+    function whose aten schema marks its first argument as written (`Tensor(a!)`)."""
     if node.op == "call_method":
         return node.target.endswith("_") and not node.target.startswith("__")
-    if node.op == "call_function":
-        return node.kwargs.get("inplace", False) is True or node.target in (
-            operator.iadd, operator.isub, operator.imul, operator.itruediv,
-            torch.relu_, torch.sigmoid_, torch.tanh_, F.relu_, F.elu_,
-        )
+    if node.op != "call_function":
+        return False
+    if node.target in (operator.setitem, operator.iadd, operator.isub, operator.imul,
+                       operator.itruediv, operator.ipow, operator.iand, operator.ior):
+        return True
+    if node.kwargs.get("inplace", False) is True or _inplace_by_position(node):
+        return True
+    return _writes_first_argument(getattr(node.target, "__name__", None))
+
+
+def _inplace_by_position(node: fx.Node) -> bool:
+    """`F.leaky_relu(x, 0.01, True)`: an `inplace` parameter bound by position."""
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):
+        return False
+    return bound.arguments.get("inplace", False) is True
+
+
+@functools.lru_cache(maxsize=None)
+def _writes_first_argument(name: str | None) -> bool:
+    packet = getattr(torch.ops.aten, name, None) if isinstance(name, str) else None
+    if packet is None or not hasattr(packet, "overloads"):
+        return False
+    for overload in packet.overloads():
+        args = getattr(packet, overload)._schema.arguments
+        if args and args[0].alias_info is not None and args[0].alias_info.is_write:
+            return True
     return False
 
 
@@ -232,6 +260,7 @@ class SiteSaves:
     y_kept_by: list[str] = field(default_factory=list)
     x_kept_by: list[str] = field(default_factory=list)
     y_mutated: bool = False            # an in-place op changes y later: saving y is unsafe
+    y_leaves_graph: bool = False       # y is returned from the captured graph (may be changed there)
     x_reused_after: bool = False       # in-place site whose input is read again
 
     @property
@@ -264,13 +293,16 @@ def analyse_site(site: Site, gs: GraphSaves, compiled: bool = False) -> SiteSave
         x_kept.append(f"{_describe(norm)} (torch.compile recomputes it from the norm's input, "
                       "which the norm keeps)")
     members_y = gs.members(y_root)
-    y_mutated = any(
+    # An output that leaves the graph (a graph break, the model's return) may be changed in
+    # place where the analysis cannot see; saving it for backward would then crash there.
+    y_mutated = y_root in gs.escapes or any(
         _mutates(u) and u not in inside for m in members_y for u in m.users
     )
     x_reused = site.inplace and _read_after(site, gs)
     return SiteSaves(
         numel=y.numel(), dtype=y.dtype, shape=tuple(y.shape), saved_before=before,
         y_kept_by=y_kept, x_kept_by=x_kept, y_mutated=y_mutated, x_reused_after=x_reused,
+        y_leaves_graph=y_root in gs.escapes,
     )
 
 
