@@ -33,7 +33,7 @@ def plan(model: nn.Module, args: tuple, kwargs: dict, mode: str, bits: int,
     decide.check_mode(mode)
     check_bits(bits)
     cap = capture.capture(model, args, kwargs)
-    planned = plan_graphs(cap.graphs, mode, bits, overrides)
+    planned = plan_graphs(cap.graphs, mode, bits, overrides, links=cap.links)
     return Plan(planned, mode, bits,
                 cap.notes + detect.unrecognised_activations(cap.graphs, [p.site for p in planned]))
 

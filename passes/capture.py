@@ -12,7 +12,7 @@ no Dynamo cache entries, buffers and RNG restored.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
@@ -23,10 +23,20 @@ from fewbit_fx._state import preserved_state
 SCOPES = "fewbit_module_scopes"  # node.meta key: [(path, class)] outermost first
 
 
+@dataclass(frozen=True)
+class Link:
+    """A value one captured graph returned that a later graph took as an input (across a
+    graph break: FSDP-managed submodules, print, .item(), ...)."""
+
+    placeholder: fx.Node        # the input in the later graph
+    changed_between: bool       # modified in place by eager code between the two graphs
+
+
 @dataclass
 class Capture:
     graphs: list[fx.GraphModule]
     reused: int = 0  # graphs Dynamo ran again from its cache during the capture (see notes)
+    links: dict = field(default_factory=dict)  # output value node -> [Link]
 
     @property
     def notes(self) -> list[str]:
@@ -53,6 +63,7 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> C
     """
     graphs: list[fx.GraphModule] = []
     runs: list[int] = []
+    events: list[tuple] = []  # ("in" | "out", graph index, tensors), in the order they ran
 
     def record(gm: fx.GraphModule, example_inputs):
         graphs.append(gm)
@@ -61,7 +72,10 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> C
 
         def run(*args):
             runs[index] += 1
-            return gm.forward(*args)
+            events.append(("in", index, args, [getattr(a, "_version", None) for a in args]))
+            out = gm.forward(*args)
+            events.append(("out", index, out, [getattr(o, "_version", None) for o in out]))
+            return out
 
         return run
 
@@ -90,7 +104,32 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> C
                 if root:  # a frame resumed inside a submodule: the nodes are in its scope
                     scopes = [(root, type(model.get_submodule(root))), *scopes]
                 node.meta[SCOPES] = scopes
-    return Capture(graphs, sum(r > 1 for r in runs))
+    return Capture(graphs, sum(r > 1 for r in runs), _links(graphs, events))
+
+
+def _links(graphs: list[fx.GraphModule], events: list[tuple]) -> dict:
+    """Which graph outputs later graphs took as inputs, matched by storage (a view made in
+    eager code between them still links), and whether eager code changed them in between
+    (the version counter moved). The tensors are held in `events` until this has run, so
+    a storage address cannot be reused by another tensor meanwhile."""
+    placeholders = [[n for n in gm.graph.nodes if n.op == "placeholder"] for gm in graphs]
+    outputs = []
+    for gm in graphs:
+        out = gm.graph.output_node().args[0]
+        outputs.append(list(out) if isinstance(out, (tuple, list)) else [out])
+    live: dict[int, tuple[int, fx.Node, int]] = {}
+    links: dict = {}
+    for kind, gi, tensors, versions in events:
+        for k, (t, version) in enumerate(zip(tensors, versions)):
+            if not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() == 0:
+                continue
+            ptr = t.untyped_storage().data_ptr()
+            if kind == "out" and k < len(outputs[gi]) and isinstance(outputs[gi][k], fx.Node):
+                live[ptr] = (gi, outputs[gi][k], version)
+            elif kind == "in" and ptr in live and live[ptr][0] != gi and k < len(placeholders[gi]):
+                _, node, out_version = live[ptr]
+                links.setdefault(node, []).append(Link(placeholders[gi][k], version != out_version))
+    return links
 
 
 def _frame_root(gm: fx.GraphModule, names: dict[int, str]) -> str:

@@ -14,19 +14,23 @@ RECOMPUTED = ("inside an activation-checkpointed region: torch.compile recompute
 
 
 def plan_graphs(graphs: list[fx.GraphModule], mode: str, bits: int,
-                overrides: dict[str, str] | None, compiled: bool = False) -> list[Planned]:
+                overrides: dict[str, str] | None, compiled: bool = False,
+                links: dict | None = None) -> list[Planned]:
     """`compiled`: plan for torch.compile's partitioner instead of eager autograd.
 
     Sites inside activation-checkpointed regions are planned on the region's own graph.
     Eager, the region's saved tensors live while backward recomputes it, so a rewrite can
     lower the step's peak (decide); compiled, the partitioner recomputes the whole region
-    and saves none of it, so such sites are kept.
+    and saves none of it, so such sites are kept. `links` (capture.Capture.links): where
+    values a graph returns go in later graphs, so that a consumer across a graph break is
+    seen; without it a returned value counts as kept and possibly modified elsewhere.
     """
     graphs, bodies = capture.with_checkpointed_regions(graphs)
     graph_saves = [saves.analyse_graph(gm.graph) for gm in graphs]
+    later = saves.LaterGraphs(links or {}, {gm.graph: gs for gm, gs in zip(graphs, graph_saves)})
     planned = []
     for site in detect.find_sites(graphs, bodies):
-        sv = saves.analyse_site(site, graph_saves[site.graph_index], compiled)
+        sv = saves.analyse_site(site, graph_saves[site.graph_index], compiled, later)
         if compiled and site.checkpointed:
             planned.append(Planned(site, replace(sv, saved_before=0),
                                    decide.Decision("kept", None, 0, RECOMPUTED)))

@@ -250,6 +250,42 @@ def analyse_graph(graph: fx.Graph) -> GraphSaves:
 
 
 @dataclass
+class LaterGraphs:
+    """Where a graph's returned values go in the later graphs of the same capture."""
+
+    links: dict                                # output value node -> [capture.Link]
+    saves: dict[fx.Graph, GraphSaves]
+
+    def follow(self, root: fx.Node, gs: GraphSaves, depth: int = 4) -> tuple[list[str], bool, bool]:
+        """(who keeps the family of `root` in later graphs, whether it may be modified in
+        place there or in between, whether it reaches the caller or an unseen place)."""
+        out = root.graph.output_node()
+        returned = [m for m in gs.members(root) if m in out.all_input_nodes]
+        kept, mutated, unseen = [], False, False
+        for m in returned:
+            links = self.links.get(m, [])
+            if not links or depth == 0:
+                unseen = True
+                continue
+            for link in links:
+                later = self.saves.get(link.placeholder.graph)
+                if later is None:
+                    unseen = True
+                    continue
+                r = later.family[link.placeholder]
+                kept += [f"{_describe(k)} (in a later graph)" for k in later.keepers.get(r, [])]
+                mutated |= link.changed_between or any(
+                    _mutates(u) for n in later.members(r) for u in n.users)
+                if r in later.escapes:
+                    k2, m2, u2 = self.follow(r, later, depth - 1)
+                    kept, mutated, unseen = kept + k2, mutated or m2, unseen or u2
+        return kept, mutated, unseen
+
+
+NO_LATER_GRAPHS = LaterGraphs({}, {})
+
+
+@dataclass
 class SiteSaves:
     """What one site costs now and what its neighbours keep anyway."""
 
@@ -268,41 +304,55 @@ class SiteSaves:
         return self.numel * _itemsize(self.dtype)
 
 
-def analyse_site(site: Site, gs: GraphSaves, compiled: bool = False) -> SiteSaves:
+def analyse_site(site: Site, gs: GraphSaves, compiled: bool = False,
+                 later: LaterGraphs = NO_LATER_GRAPHS) -> SiteSaves:
     """`compiled`: the graph goes through torch.compile's partitioner, which recomputes
-    pointwise work in backward rather than saving it (see _recomputed_by)."""
+    pointwise work in backward rather than saving it (see _recomputed_by). `later`: where
+    values this graph returns go next (eager capture across graph breaks); a returned value
+    that goes nowhere seen (the caller) counts as kept, and as possibly modified in place."""
     inside = set(site.nodes)
     y = example_value(site.output)
     y_root, x_root = gs.family[site.output], gs.family[site.input]
     recomputed = _recomputed_by(site, gs) if compiled else []
     norm = _normalized_by(x_root) if compiled else None
     own = {gs.family[k] for n in site.nodes for k in saved_inputs(n)[0]}
+    downstream = {root: later.follow(root, gs) for root in own | {y_root} if root in gs.escapes}
     before = 0
     for root in own:
         outsiders = [k for k in gs.keepers.get(root, []) if k not in inside]
         if root is x_root:
             outsiders += recomputed + ([norm] if norm is not None else [])
-        if not outsiders and root not in gs.escapes:
+        if root in downstream:
+            kept_later, _, unseen = downstream[root]
+            outsiders += kept_later + (["the caller"] if unseen else [])
+        if not outsiders:
             before += _family_bytes(root, gs)
     y_kept = [_describe(k) for k in gs.keepers.get(y_root, []) if k not in inside and k not in recomputed]
-    if y_root in gs.escapes:
-        y_kept.append("a later graph or the caller (returned from the captured graph)")
+    y_later_mutated = False
+    if y_root in downstream:
+        kept_later, y_later_mutated, unseen = downstream[y_root]
+        y_kept += kept_later
+        y_later_mutated |= unseen
+        if unseen:
+            y_kept.append("a later graph or the caller (returned from the captured graph)")
     x_kept = [_describe(k) for k in gs.keepers.get(x_root, []) if k not in inside]
+    if x_root in downstream:
+        x_kept += downstream[x_root][0]
     x_kept += [f"{_describe(k)} (torch.compile recomputes the output from it)" for k in recomputed]
     if norm is not None:
         x_kept.append(f"{_describe(norm)} (torch.compile recomputes it from the norm's input, "
                       "which the norm keeps)")
     members_y = gs.members(y_root)
-    # An output that leaves the graph (a graph break, the model's return) may be changed in
-    # place where the analysis cannot see; saving it for backward would then crash there.
-    y_mutated = y_root in gs.escapes or any(
+    # An output that leaves for where the analysis cannot see (the model's return, a graph
+    # it did not capture) may be changed in place there; saving it would then crash.
+    y_mutated = y_later_mutated or any(
         _mutates(u) and u not in inside for m in members_y for u in m.users
     )
     x_reused = site.inplace and _read_after(site, gs)
     return SiteSaves(
         numel=y.numel(), dtype=y.dtype, shape=tuple(y.shape), saved_before=before,
         y_kept_by=y_kept, x_kept_by=x_kept, y_mutated=y_mutated, x_reused_after=x_reused,
-        y_leaves_graph=y_root in gs.escapes,
+        y_leaves_graph=y_root in downstream and downstream[y_root][2],
     )
 
 

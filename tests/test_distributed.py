@@ -46,9 +46,10 @@ RTOL = 1e-5  # relative gradient tolerance (norm-wise, per parameter) for fp32
 
 # Known limits, kept visible: each is a strict xfail, so a fix makes it fail until unmarked.
 NESTED_FSDP = pytest.mark.xfail(strict=True, reason=(
-    "optimize() after nested fully_shard: Dynamo graph-breaks at every FSDP-managed submodule, "
-    "so a consumer outside the captured graphs counts as keeping the output (inverted where "
-    "the bare model gets few-bit). Optimize before fully_shard (README)."))
+    "optimize() after nested fully_shard: Dynamo graph-breaks at every FSDP-managed submodule "
+    "and runs its forward untraced, so those consumers are unseen: their inputs count as "
+    "possibly modified, and an inverted site of the bare model becomes few-bit (approximate "
+    "gradient). Optimize before fully_shard (README)."))
 DRY_RUN_WRAPPED = pytest.mark.xfail(strict=True, reason=(
     "report(wrapper, example_inputs=...) deep-copies the model: FSDP refuses deepcopy, and "
     "undoing a rewrite inside DDP drops buffers DDP broadcasts. Report on the bare model."))
