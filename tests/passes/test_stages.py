@@ -498,6 +498,38 @@ def test_overrides_by_module_path_pattern():
     assert decide.site_mode(site, "auto", 3, {"x.*": "exact"}) == ("auto", 3)
 
 
+@pytest.mark.parametrize("overrides, error, entry", [
+    ({"*": "fewbit-x"}, ValueError, "overrides['*'] = 'fewbit-x'"),  # was "invalid literal for int()"
+    ({"*": "fewbit-9"}, ValueError, "overrides['*'] = 'fewbit-9'"),
+    ({"*": None}, TypeError, "overrides['*'] = None"),  # was an AttributeError
+    ({"act": "exactly"}, ValueError, "overrides['act'] = 'exactly'"),
+    (["act", "keep"], TypeError, "got list ['act', 'keep']"),  # was an AttributeError
+])
+def test_bad_overrides_name_the_argument_the_entry_and_the_choices(overrides, error, entry):
+    site = SimpleNamespace(name="act")
+    for call in (lambda: decide.site_mode(site, "auto", 3, overrides), lambda: decide.check_overrides(overrides),
+                 lambda: analyse(ModuleMLP(), x_in(), overrides=overrides)):
+        with pytest.raises(error) as info:
+            call()
+        msg = str(info.value)
+        assert "overrides" in msg and entry in msg, msg
+        for choice in ("'auto'", "'exact'", "'fewbit'", "'fewbit-<b>'", "1..8", "'keep'"):
+            assert choice in msg, msg
+
+
+def test_bad_override_raises_even_if_no_site_matches_it():
+    with pytest.raises(ValueError, match="overrides"):
+        decide.site_mode(SimpleNamespace(name="act"), "auto", 3, {"act": "keep", "zzz": "fewbit-0"})
+
+
+def test_override_values_that_stay_valid():
+    site = SimpleNamespace(name="act")
+    for value, expected in [("fewbit-1", ("fewbit", 1)), ("fewbit-8", ("fewbit", 8)), ("fewbit", ("fewbit", 3)),
+                            ("keep", ("keep", 3)), ("exact", ("exact", 3)), ("auto", ("auto", 3))]:
+        assert decide.site_mode(site, "auto", 3, {"*": value}) == expected
+    assert decide.site_mode(site, "auto", 3, None) == ("auto", 3)
+
+
 def test_overrides_functional_site_names():
     planned = analyse(Outer(), x_in(), overrides={"inner:gelu#*": "keep"})
     assert planned["inner:gelu#0"].decision.variant == "kept"
@@ -754,3 +786,43 @@ def test_an_activation_output_modified_in_place_is_never_saved(name, mode):
     out, ref = model(x), reference(x)
     assert torch.equal(out, ref)
     out.sum().backward()  # raised before
+
+
+@torch._dynamo.disable
+def _mutate_untraced(h):
+    h.mul_(2)  # runs eagerly between two captured graphs
+
+
+class ConsumerAcrossABreak(nn.Module):
+    def __init__(self, between=None):
+        super().__init__()
+        self.up, self.down, self.between = nn.Linear(D, 4 * D), nn.Linear(4 * D, D), between
+
+    def forward(self, x):
+        h = F.gelu(self.up(x))
+        torch._dynamo.graph_break()
+        if self.between is not None:
+            self.between(h)
+        return self.down(h)
+
+
+def test_a_consumer_across_a_graph_break_is_seen():
+    x = x_in()
+    rep = fewbit_fx.report(ConsumerAcrossABreak(), example_inputs=(x,), measure=False)
+    (row,) = rep.rows
+    assert row.variant == "inverted" and "(in a later graph)" in row.reason
+    model = ConsumerAcrossABreak()
+    reference = copy.deepcopy(model)
+    fewbit_fx.optimize(model, example_inputs=(x,), mode="exact")
+    assert torch.equal(model(x), reference(x))
+
+
+def test_a_change_between_two_graphs_is_seen():
+    x = x_in()
+    model = ConsumerAcrossABreak(_mutate_untraced)
+    reference = copy.deepcopy(model)
+    fewbit_fx.optimize(model, example_inputs=(x,), mode="exact")
+    assert fewbit_fx.report(model).rows[0].variant == "kept"
+    out = model(x)
+    assert torch.equal(out, reference(x))
+    out.sum().backward()
