@@ -35,7 +35,8 @@ def plan(model: nn.Module, args: tuple, kwargs: dict, mode: str, bits: int,
     cap = capture.capture(model, args, kwargs)
     planned = plan_graphs(cap.graphs, mode, bits, overrides, links=cap.links)
     return Plan(planned, mode, bits,
-                cap.notes + detect.unrecognised_activations(cap.graphs, [p.site for p in planned]))
+                cap.notes + detect.unseen_activation_modules(model, cap.graphs)
+                + detect.unrecognised_activations(cap.graphs, [p.site for p in planned]))
 
 
 def _inputs(example_inputs, example_kwargs) -> tuple[tuple, dict]:

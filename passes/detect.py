@@ -282,6 +282,30 @@ def unrecognised_activations(graphs: list[fx.GraphModule], sites: list[Site]) ->
     return lines
 
 
+def unseen_activation_modules(model: nn.Module, graphs: list[fx.GraphModule]) -> list[str]:
+    """Supported activation modules of `model` that no captured graph ran: their forward
+    ran outside Dynamo (a module with full backward hooks, a submodule whose graph Dynamo
+    reused for another instance, a branch the example inputs did not take), so they stay
+    as they are. One note line naming them, so the report never passes over them."""
+    graphs, _ = with_checkpointed_regions(graphs)
+    seen = {path for gm in graphs for n in gm.graph.nodes for path, _ in module_scopes(n)}
+    unseen = []
+    for path, module in model.named_modules():
+        if path and path not in seen and _activation_module_class(type(module), 1) is not None:
+            try:
+                activations.from_module(module)
+            except TypeError:
+                continue
+            unseen.append(path)
+    if not unseen:
+        return []
+    shown = ", ".join(unseen[:3]) + (f", ... ({len(unseen)} in all)" if len(unseen) > 3 else "")
+    return [f"not seen by the analysis: {shown}: these activation modules ran outside the captured "
+            "graphs (Dynamo runs a module with full backward hooks eagerly, and reuses one graph for "
+            "repeated submodules after a graph break) or not at all on the example inputs, so "
+            "they stay as they are"]
+
+
 def _known_activation_family(cls: type) -> bool:
     return cls in _UNSUPPORTED_TORCH or cls.__module__.startswith("transformers.activations")
 
