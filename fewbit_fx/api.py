@@ -34,9 +34,24 @@ def plan(model: nn.Module, args: tuple, kwargs: dict, mode: str, bits: int,
     check_bits(bits)
     cap = capture.capture(model, args, kwargs)
     planned = plan_graphs(cap.graphs, mode, bits, overrides, links=cap.links)
+    _warn_unmatched_overrides(overrides, [p.site.name for p in planned])
     return Plan(planned, mode, bits,
                 cap.notes + detect.unseen_activation_modules(model, cap.graphs)
                 + detect.unrecognised_activations(cap.graphs, [p.site for p in planned]))
+
+
+def _warn_unmatched_overrides(overrides, names: list[str]) -> None:
+    """An override that matches no site is a typo more often than not: say so, with the
+    closest site names."""
+    import difflib
+    import fnmatch
+
+    for pattern in overrides or {}:
+        if isinstance(pattern, str) and not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
+            hint = f"; close: {', '.join(close)}" if close else f"; the sites are: {', '.join(names[:6])}"
+            warnings.warn(f"fewbit_fx: override {pattern!r} matches no site{hint if names else ''}",
+                          UserWarning, stacklevel=4)
 
 
 def _inputs(example_inputs, example_kwargs) -> tuple[tuple, dict]:
@@ -80,6 +95,10 @@ def optimize(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode
     fits = _calibrate(model, applied, *_analysis_copy(args, kwargs), tables)
     model._fewbit_report = _report_from(p, applied.failures, fits, tables)  # noqa: SLF001 - read by report()
     _TrainabilityWatch.install(model)
+    if not p.planned:
+        warnings.warn(f"fewbit_fx: {type(model).__name__} has no supported activation on these inputs, "
+                      "so nothing was rewritten" + (f" ({'; '.join(p.unrecognised)})" if p.unrecognised
+                                                    else ""), UserWarning, stacklevel=2)
     return model
 
 
@@ -271,7 +290,10 @@ def _report_from(p: Plan, failures: dict[tuple, str], fits: dict | None, tables:
         v = capture.example_value(s.output)
         rows.append(Row(s.name, str(s.activation), variant, reason, tuple(v.shape),
                         str(v.dtype).replace("torch.", ""), before, after, s.checkpointed))
-    return Report(rows, p.mode, p.bits, notes=_checkpoint_notes(rows) + _table_notes(p, fits, tables) + p.unrecognised)
+    found = [] if rows else ["no supported activation found on these inputs: nothing to rewrite "
+                             "(README: Supported activations)"]
+    return Report(rows, p.mode, p.bits,
+                  notes=found + _checkpoint_notes(rows) + _table_notes(p, fits, tables) + p.unrecognised)
 
 
 def _checkpoint_notes(rows: list[Row]) -> list[str]:

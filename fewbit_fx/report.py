@@ -86,7 +86,11 @@ class Report:
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB"
+    """Bytes in the unit that shows them (a 4 KB site next to a 40 MB one is not 0.00)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}" if abs(n) < 100 * scale else f"{n / scale:.0f} {unit}"
+    return f"{n} B"
 
 
 def _pct(after: int, before: int) -> str:

@@ -826,3 +826,15 @@ def test_a_change_between_two_graphs_is_seen():
     out = model(x)
     assert torch.equal(out, reference(x))
     out.sum().backward()
+
+
+def test_an_override_that_matches_no_site_warns_with_close_matches():
+    with pytest.warns(UserWarning, match=r"override 'actt' matches no site; close: act"):
+        fewbit_fx.report(ModuleMLP(), example_inputs=(x_in(),), overrides={"actt": "keep"}, measure=False)
+
+
+def test_a_model_without_activations_says_so():
+    model = nn.Sequential(nn.Linear(D, D), nn.Linear(D, D))
+    with pytest.warns(UserWarning, match="no supported activation"):
+        fewbit_fx.optimize(model, example_inputs=(x_in(),))
+    assert "no supported activation" in fewbit_fx.report(model, example_inputs=(x_in(),)).notes[0]
