@@ -3,6 +3,9 @@ import json
 import subprocess
 
 from fewbit_fx import bench_compile_time
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses or training runs
 
 
 def test_each_measurement_gets_its_own_empty_cache(monkeypatch):

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses or training runs
+
 
 def _child(tmp_path, *args: str) -> str:
     res = subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, check=True)

@@ -2,6 +2,9 @@
 import math
 
 from fewbit_fx import convergence
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses or training runs
 
 
 def test_corpus_is_real_offline_text():

@@ -42,6 +42,8 @@ import fewbit_fx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _dist_helpers as h  # noqa: E402
 
+pytestmark = pytest.mark.slow  # subprocesses or training runs
+
 RTOL = 1e-5  # relative gradient tolerance (norm-wise, per parameter) for fp32
 
 # Known limits, kept visible: each is a strict xfail, so a fix makes it fail until unmarked.

@@ -300,6 +300,7 @@ def test_lazy_mode_deepcopy_before_first_call_optimizes_the_copy():
 
 # --- persistence -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_torch_save_round_trip_in_a_fresh_process(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(4, 16)
@@ -472,6 +473,7 @@ def test_report_on_an_optimized_model_says_so():
 
 # --- the HF Trainer ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_trainer_runs_a_few_steps(tmp_path, compiled):
     from transformers import Trainer, TrainingArguments
