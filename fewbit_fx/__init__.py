@@ -10,9 +10,11 @@ _compat.check_torch()
 
 from fewbit_fx import nn, ops  # noqa: E402,F401  (ops registers the custom ops)
 from fewbit_fx.api import optimize, report  # noqa: E402
-from fewbit_fx.backend import backend, register as _register_backend  # noqa: E402
+from fewbit_fx.passes.capture import CaptureError  # noqa: E402
+from fewbit_fx.reporting import Report  # noqa: E402
+from fewbit_fx.compile_backend import backend, register as _register_backend  # noqa: E402
 
 _register_backend()
 
 __version__ = "0.1.0"
-__all__ = ["optimize", "report", "backend", "nn", "__version__"]
+__all__ = ["optimize", "report", "backend", "nn", "Report", "CaptureError", "__version__"]

@@ -16,7 +16,7 @@ from fewbit_fx.nn import REFIT_EVERY, REFIT_INTERVAL_CAP, FewBit
 from fewbit_fx.packing import check_bits
 from fewbit_fx.passes import capture, decide, detect, rewrite
 from fewbit_fx.passes.plan import plan_graphs
-from fewbit_fx.report import Report, Row
+from fewbit_fx.reporting import Report, Row
 
 
 @dataclass

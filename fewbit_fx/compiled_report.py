@@ -15,11 +15,11 @@ from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from fewbit_fx import _compat
 from fewbit_fx.api import _inputs, measure_step, scalar_loss
-from fewbit_fx.backend import plan_graph, rewrite_graph
+from fewbit_fx.compile_backend import plan_graph, rewrite_graph
 from fewbit_fx.passes import saves
 from fewbit_fx.passes.capture import innermost_module
 from fewbit_fx.passes.detect import unrecognised_activations
-from fewbit_fx.report import Report, Row
+from fewbit_fx.reporting import Report, Row
 
 
 class RecordingPartitioner(CustomPartitionerFn):
