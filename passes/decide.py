@@ -8,9 +8,10 @@ Every decision carries the byte estimate and a reason a person can read.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from fewbit_fx.packing import check_bits, packed_nbytes
+from fewbit_fx.packing import packed_nbytes
 from fewbit_fx.passes.detect import Site
 from fewbit_fx.passes.saves import SiteSaves
 
@@ -35,20 +36,44 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def parse_override(value: str, bits: int) -> tuple[str, int]:
-    """'auto' | 'exact' | 'fewbit' | 'fewbit-<b>' | 'keep' -> (mode or 'keep', bits)."""
+OVERRIDE_CHOICES = "'auto', 'exact', 'fewbit', 'fewbit-<b>' with b in 1..8, or 'keep'"
+
+
+def parse_override(value: str, bits: int, pattern: str = "*") -> tuple[str, int]:
+    """'auto' | 'exact' | 'fewbit' | 'fewbit-<b>' | 'keep' -> (mode or 'keep', bits).
+    Anything else raises, naming overrides[pattern] and the valid choices."""
+    if not isinstance(value, str):
+        raise TypeError(f"overrides[{pattern!r}] = {value!r} is not a valid choice; use {OVERRIDE_CHOICES}")
     if value == "keep":
         return "keep", bits
-    if value.startswith("fewbit-"):
-        return "fewbit", check_bits(int(value.split("-", 1)[1]))
-    return check_mode(value), bits
+    b = value[len("fewbit-"):]
+    if value.startswith("fewbit-") and b.isdecimal() and 1 <= int(b) <= 8:
+        return "fewbit", int(b)
+    if value in MODES:
+        return value, bits
+    raise ValueError(f"overrides[{pattern!r}] = {value!r} is not a valid choice; use {OVERRIDE_CHOICES}")
+
+
+def check_overrides(overrides) -> dict[str, str]:
+    """The overrides argument, checked whole (a bad entry raises even if no site matches
+    it): None or a dict of module-path patterns (fnmatch) to OVERRIDE_CHOICES."""
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, Mapping):
+        raise TypeError(f"overrides must be a dict of module-path patterns to {OVERRIDE_CHOICES}, "
+                        f"e.g. {{'encoder.*': 'fewbit-4'}}; got {type(overrides).__name__} {overrides!r}")
+    for pattern, value in overrides.items():
+        if not isinstance(pattern, str):
+            raise TypeError(f"overrides keys must be module-path patterns (str), got {pattern!r}")
+        parse_override(value, 3, pattern)
+    return dict(overrides)
 
 
 def site_mode(site: Site, mode: str, bits: int, overrides: dict[str, str] | None) -> tuple[str, int]:
     """The mode and bits for one site: the first matching override pattern wins."""
-    for pattern, value in (overrides or {}).items():
+    for pattern, value in check_overrides(overrides).items():
         if fnmatch.fnmatchcase(site.name, pattern):
-            return parse_override(value, bits)
+            return parse_override(value, bits, pattern)
     return mode, bits
 
 
@@ -78,8 +103,7 @@ def decide(site: Site, saves: SiteSaves, mode: str, bits: int, forced: bool = Fa
         after = packed_nbytes(saves.numel, bits) + 4 * 2**bits
         candidates.append(Decision("fewbit", bits, after, _fewbit_reason(saves, bits)))
     if not candidates:
-        return Decision("kept", None, saves.saved_before,
-                        "output is modified in place later, so it cannot be saved (exact mode)")
+        return Decision("kept", None, saves.saved_before, f"{_mutated(saves)}, so it cannot be saved (exact mode)")
     best = min(candidates, key=lambda d: (d.saved_after, d.variant != "inverted"))
     if best.saved_after >= saves.saved_before and not forced:
         return Decision("kept", None, saves.saved_before,
@@ -104,6 +128,13 @@ def _in_checkpointed_region(best: Decision) -> Decision:
     return Decision(best.variant, best.bits, best.saved_after, f"{best.reason} ({CHECKPOINTED})")
 
 
+def _mutated(saves: SiteSaves) -> str:
+    if saves.y_leaves_graph:
+        return ("output leaves the captured graph (a graph break or the return), where it may "
+                "be modified in place")
+    return "output is modified in place later"
+
+
 def _inverted_reason(site: Site, saves: SiteSaves) -> str:
     bit = ", +1 bit/elem branch mask" if site.activation.needs_mask else ""
     if saves.y_kept_by:
@@ -113,5 +144,5 @@ def _inverted_reason(site: Site, saves: SiteSaves) -> str:
 
 def _fewbit_reason(saves: SiteSaves, bits: int) -> str:
     if saves.y_mutated:
-        return f"output modified in place later; {bits} bits/elem"
+        return f"{_mutated(saves)}; {bits} bits/elem"
     return f"no consumer keeps the output; {bits} bits/elem instead of {8 * saves.y_bytes // max(saves.numel, 1)}"
