@@ -55,9 +55,30 @@ class Activation:
         threshold (f jumps there, so values just above it come from both sides)."""
         return self.branch_point is not None
 
+    def saves_mask(self, dtype: torch.dtype) -> bool:
+        """Whether Inverted keeps the 1-bit mask for inputs of this dtype: needs_mask, and
+        Hardtanh with a bound that rounds inward in the dtype (bf16(-0.7) > -0.7): the
+        clamped output then equals an input torch does not clamp, so y alone cannot tell
+        a zero gradient from a passed-through one."""
+        if self.needs_mask:
+            return True
+        return self.name == "hardtanh" and _bound_rounds_inward(self.p["min_val"], self.p["max_val"], dtype)
+
+    def mask_bit(self, x: Tensor) -> Tensor:
+        """The saved bit of each element, from x in its compare dtype (fp32 for half).
+        Each is torch's own test, so gradients agree at the boundary and for NaN/inf."""
+        p = self.p
+        if self.name == "softplus":  # torch's linear side, for either sign of beta
+            return x * p["beta"] > p["threshold"]
+        if self.name == "hardtanh":  # torch's backward passes the gradient strictly inside
+            return ~((x <= p["min_val"]) | (x >= p["max_val"]))
+        if self.name == "hardswish":  # NaN goes right: y = NaN then says x = NaN, not -inf
+            return ~(x <= self.branch_point)
+        return x > self.branch_point
+
     @property
     def branch_point(self) -> float | None:
-        """The mask bit is x > branch_point."""
+        """The mask bit is (mostly, see mask_bit) x > branch_point."""
         if not self.monotone:
             return self.x_min
         if self.spec.ambiguous_at is not None:
@@ -78,6 +99,14 @@ class Activation:
         """(mathematically equal registry op, input scale) for formula activations."""
         spec = self.spec
         return None if spec.twin is None else (get(spec.twin), spec.twin_scale)
+
+    def nan_derivative(self, x: Tensor) -> Tensor | None:
+        """Where torch's derivative is NaN (x NaN, or also +-inf where f' is inf * 0);
+        None for functions whose derivative is finite at every non-finite x."""
+        kind = self.spec.nan_derivative
+        if kind == "never":
+            return None
+        return torch.isnan(x) if kind == "nan" else ~torch.isfinite(x)
 
     @property
     def exact_from_output(self) -> bool:
@@ -128,6 +157,11 @@ class _Spec:
     twin_scale: float = 1.0
     # Monotone functions with a jump where y alone cannot tell the side: x of the jump.
     ambiguous_at: Callable[[dict], float | None] | None = None
+    # Where torch's derivative is NaN: "nan" (at x = NaN), "nonfinite" (also at +-inf)
+    # or "never" (finite even at NaN, e.g. relu's threshold test). For ELU and Hardswish
+    # torch's vectorised loop gives NaN at NaN and its scalar tail loop a finite value:
+    # "nan", as for the bulk of any real tensor.
+    nan_derivative: str = "nan"
 
 
 def _scaled(derivative: Callable[[Tensor, Tensor | None, dict], Tensor]):
@@ -147,6 +181,18 @@ def _softplus_jump(p: dict) -> float | None:
     return p["threshold"] / p["beta"] if math.exp(-p["threshold"]) >= 2.0**-24 else None
 
 
+@functools.lru_cache(maxsize=None)
+def _bound_rounds_inward(lo: float, hi: float, dtype: torch.dtype) -> bool:
+    """Whether torch's hardtanh in `dtype` clamps to a value strictly inside the bounds
+    its backward compares against (fp32 ones). Only half types round them further."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False
+    with real_tensors():
+        ends = F.hardtanh(torch.tensor([-math.inf, math.inf], dtype=dtype), lo, hi).float()
+        bounds = torch.tensor([lo, hi], dtype=torch.float32)
+        return bool(ends[0] > bounds[0]) or bool(ends[1] < bounds[1])
+
+
 def _softplus_from_output(y: Tensor, right: Tensor | None, p: dict) -> Tensor:
     """sigmoid(beta*x) = 1 - exp(-beta*y) below the threshold, 1 above it."""
     linear = right if right is not None else y * p["beta"] > p["threshold"]
@@ -157,8 +203,11 @@ def _hardswish_from_output(y: Tensor, right: Tensor | None, p: dict) -> Tensor:
     root = torch.sqrt(torch.clamp(9.0 + 24.0 * y, min=0.0)) / 6.0
     inside = torch.where(right, root, -root)
     # Right branch: y >= 3 means x >= 3 (identity). Left branch: y == 0 means x <= -3.
+    # y = NaN comes from x = NaN or -inf (-inf * 0); the bit tells them apart (see
+    # Activation.mask_bit): NaN for x = NaN on the right, as torch's vectorised loop
+    # gives, and 0 for x = -inf on the left.
     out = torch.where(right & (y >= 3.0), torch.ones_like(y), inside)
-    return torch.where(~right & (y == 0), torch.zeros_like(y), out)
+    return torch.where(~right & ~(y < 0), torch.zeros_like(y), out)
 
 
 def _leaky_from_output(y: Tensor, right: Tensor | None, p: dict) -> Tensor:
@@ -180,6 +229,8 @@ def _elu_from_output(alpha: float, scale: float, input_scale: float):
 
 def _hardtanh_from_output(lo: str | float, hi: str | float):
     def grad_from_output(grad: Tensor, y: Tensor, right: Tensor | None, p: dict) -> Tensor:
+        if right is not None:  # the saved bit is torch's own "strictly inside" test
+            return grad.masked_fill(~right, 0)
         low, high = (p[v] if isinstance(v, str) else v for v in (lo, hi))
         return torch.ops.aten.hardtanh_backward(grad, y, low, high)
 
@@ -191,13 +242,21 @@ _SPECS: dict[str, _Spec] = {
         forward=lambda x, p: F.gelu(x),
         monotone=lambda p: False,
         modules=(nn.GELU,),
+        nan_derivative="nonfinite",
     ),
     "gelu_tanh": _Spec(
         forward=lambda x, p: F.gelu(x, approximate="tanh"),
         monotone=lambda p: False,
+        nan_derivative="nonfinite",
     ),
-    "silu": _Spec(forward=lambda x, p: F.silu(x), monotone=lambda p: False, modules=(nn.SiLU,)),
-    "mish": _Spec(forward=lambda x, p: F.mish(x), monotone=lambda p: False, modules=(nn.Mish,)),
+    "silu": _Spec(
+        forward=lambda x, p: F.silu(x), monotone=lambda p: False, modules=(nn.SiLU,),
+        nan_derivative="nonfinite",
+    ),
+    "mish": _Spec(
+        forward=lambda x, p: F.mish(x), monotone=lambda p: False, modules=(nn.Mish,),
+        nan_derivative="nonfinite",
+    ),
     "sigmoid": _Spec(
         forward=lambda x, p: torch.sigmoid(x),
         grad_from_output=lambda g, y, r, p: torch.ops.aten.sigmoid_backward(g, y),
@@ -246,18 +305,21 @@ _SPECS: dict[str, _Spec] = {
         kinks=lambda p: [0.0],
         grad_from_output=_scaled(_leaky_from_output),
         modules=(nn.LeakyReLU,),
+        nan_derivative="never",
     ),
     "relu": _Spec(
         forward=lambda x, p: F.relu(x),
         kinks=lambda p: [0.0],
         grad_from_output=lambda g, y, r, p: torch.ops.aten.threshold_backward(g, y, 0),
         modules=(nn.ReLU,),
+        nan_derivative="never",
     ),
     "relu6": _Spec(
         forward=lambda x, p: F.relu6(x),
         kinks=lambda p: [0.0, 6.0],
         grad_from_output=_hardtanh_from_output(0.0, 6.0),
         modules=(nn.ReLU6,),
+        nan_derivative="never",
     ),
     "hardtanh": _Spec(
         forward=lambda x, p: F.hardtanh(x, p["min_val"], p["max_val"]),
@@ -265,6 +327,7 @@ _SPECS: dict[str, _Spec] = {
         kinks=lambda p: [p["min_val"], p["max_val"]],
         grad_from_output=_hardtanh_from_output("min_val", "max_val"),
         modules=(nn.Hardtanh,),
+        nan_derivative="never",
     ),
     "hardsigmoid": _Spec(
         forward=lambda x, p: F.hardsigmoid(x),
@@ -276,6 +339,7 @@ _SPECS: dict[str, _Spec] = {
             )
         ),
         modules=(nn.Hardsigmoid,),
+        nan_derivative="never",
     ),
     "hardswish": _Spec(
         forward=lambda x, p: F.hardswish(x),
@@ -293,6 +357,7 @@ _SPECS: dict[str, _Spec] = {
         forward=lambda x, p: F.softsign(x),
         grad_from_output=_scaled(lambda y, r, p: (1.0 - y.abs()) ** 2),
         modules=(nn.Softsign,),
+        nan_derivative="nonfinite",
     ),
     "tanhshrink": _Spec(forward=lambda x, p: F.tanhshrink(x), modules=(nn.Tanhshrink,)),
     # Hugging Face formula activations, written exactly as transformers.activations does.
@@ -300,22 +365,26 @@ _SPECS: dict[str, _Spec] = {
         forward=lambda x, p: 0.5 * x * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3.0)))),
         monotone=lambda p: False,
         twin="gelu_tanh",
+        nan_derivative="nonfinite",
     ),
     "gelu_fast_formula": _Spec(  # FastGELUActivation
         forward=lambda x, p: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
         monotone=lambda p: False,
         twin="gelu_tanh",
+        nan_derivative="nonfinite",
     ),
     "gelu_erf_formula": _Spec(  # GELUActivation(use_gelu_python=True)
         forward=lambda x, p: x * 0.5 * (1.0 + torch.erf(x / _SQRT_2)),
         monotone=lambda p: False,
         twin="gelu",
+        nan_derivative="nonfinite",
     ),
     "quick_gelu": _Spec(  # QuickGELUActivation: x * sigmoid(1.702 x) = silu(1.702 x) / 1.702
         forward=lambda x, p: x * torch.sigmoid(1.702 * x),
         monotone=lambda p: False,
         twin="silu",
         twin_scale=1.702,
+        nan_derivative="nonfinite",
     ),
 }
 
@@ -331,6 +400,8 @@ def get(name: str, **params: float) -> Activation:
     if unknown:
         raise TypeError(f"{name} takes parameters {_SPECS[name].param_names}, got {sorted(unknown)}")
     values = {**defaults, **params}
+    if name == "softplus" and not (math.isfinite(values["beta"]) and values["beta"] != 0):
+        raise ValueError(f"Softplus beta must be a finite nonzero number, got {values['beta']!r}")
     return Activation(name, tuple((k, float(values[k])) for k in _SPECS[name].param_names))
 
 

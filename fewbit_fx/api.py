@@ -1,7 +1,6 @@
 """optimize() and report(): the pipeline model -> capture -> sites -> decisions -> rewrite/report."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
 from dataclasses import dataclass
@@ -10,18 +9,18 @@ import torch
 from torch import nn
 
 from fewbit_fx import calibration
-from fewbit_fx._state import preserved_state
-from fewbit_fx.measure import allocated_peak, saved_bytes
+from fewbit_fx.example_inputs import analysis_copy, normalise
+from fewbit_fx.measure import measure_peak, measure_step
 from fewbit_fx.nn import REFIT_EVERY, REFIT_INTERVAL_CAP, FewBit
 from fewbit_fx.packing import check_bits
 from fewbit_fx.passes import capture, decide, detect, rewrite
-from fewbit_fx.passes.plan import plan_graphs
+from fewbit_fx.passes.plan import Planned, plan_graphs
 from fewbit_fx.reporting import Report, Row
 
 
 @dataclass
 class Plan:
-    planned: list[rewrite.Planned]
+    planned: list[Planned]
     mode: str
     bits: int
     unrecognised: list[str]  # activation-like modules that are not sites, with why
@@ -54,18 +53,6 @@ def _warn_unmatched_overrides(overrides, names: list[str]) -> None:
                           UserWarning, stacklevel=4)
 
 
-def _inputs(example_inputs, example_kwargs) -> tuple[tuple, dict]:
-    if example_inputs is None:
-        args = ()
-    elif isinstance(example_inputs, tuple):
-        args = example_inputs
-    elif isinstance(example_inputs, list):
-        args = tuple(example_inputs)
-    else:
-        args = (example_inputs,)
-    return args, dict(example_kwargs or {})
-
-
 def optimize(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode: str = "auto",
              bits: int = 3, overrides: dict[str, str] | None = None,
              tables: str = "fitted") -> nn.Module:
@@ -83,16 +70,17 @@ def optimize(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode
     """
     decide.check_mode(mode)
     check_bits(bits)
+    decide.check_overrides(overrides)
     calibration.check_tables(tables)
     _check_model(model, "optimize")
     if example_inputs is None and example_kwargs is None:
         _AnalyseOnFirstCall.install(model, dict(mode=mode, bits=bits, overrides=overrides, tables=tables))
         return model
-    args, kwargs = _inputs(example_inputs, example_kwargs)
+    args, kwargs = normalise(example_inputs, example_kwargs)
     rewrite.undo(model)
-    p = plan(model, *_analysis_copy(args, kwargs), mode, bits, overrides)
+    p = plan(model, *analysis_copy(args, kwargs), mode, bits, overrides)
     applied = rewrite.apply(model, p.planned)
-    fits = _calibrate(model, applied, *_analysis_copy(args, kwargs), tables)
+    fits = _calibrate(model, applied, *analysis_copy(args, kwargs), tables)
     model._fewbit_report = _report_from(p, applied.failures, fits, tables)  # noqa: SLF001 - read by report()
     _TrainabilityWatch.install(model)
     if not p.planned:
@@ -106,16 +94,6 @@ def _check_model(model, verb: str) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{verb}() takes a torch.nn.Module, got {type(model).__name__}; pass the "
                         "model itself (for a function, wrap it in an nn.Module)")
-
-
-def _analysis_copy(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Copies of the inputs for the analysis runs: a stateful input (a Hugging Face
-    DynamicCache, a list that the forward appends to) must see only the user's own call.
-    Inputs that cannot be deep-copied (non-leaf tensors) are used as they are."""
-    try:
-        return copy.deepcopy((args, kwargs))
-    except Exception:  # noqa: BLE001 - deepcopy refuses some tensors and objects
-        return args, kwargs
 
 
 class _AnalyseOnFirstCall:
@@ -224,6 +202,7 @@ def report(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode: 
     tables are the N(0, 1) ones). `tables` as in optimize().
     """
     calibration.check_tables(tables)
+    decide.check_overrides(overrides)
     _check_model(model, "report")
     if compiled:
         from fewbit_fx.compiled_report import compiled_report
@@ -242,26 +221,26 @@ def report(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode: 
             return _with_staleness(inner, existing)
         raise ValueError("report() needs example_inputs and/or example_kwargs to run the model "
                          "(or a model that fewbit_fx.optimize has rewritten, to show what it did)")
-    args, kwargs = _inputs(example_inputs, example_kwargs)
+    args, kwargs = normalise(example_inputs, example_kwargs)
     done = rewrite.rewritten_modules(model)
     if done:  # report on the model as it was before optimize, decided afresh
         model = copy.deepcopy(model)
         rewrite.undo(model)
-    p = plan(model, *_analysis_copy(args, kwargs), mode, bits, overrides)
+    p = plan(model, *analysis_copy(args, kwargs), mode, bits, overrides)
     rewritten = copy.deepcopy(model)
     applied = rewrite.apply(rewritten, p.planned)
-    fits = _calibrate(rewritten, applied, *_analysis_copy(args, kwargs), tables)
+    fits = _calibrate(rewritten, applied, *analysis_copy(args, kwargs), tables)
     rep = _report_from(p, applied.failures, fits, tables)
     if done:
         rep.notes.insert(0, f"this model is already optimized ({done} sites rewritten): the rows "
                             "are what optimize() would decide now for the model as it was before "
                             "(call optimize again to apply them); report(model) shows what was done")
     if measure:
-        rep.measured_before = measure_step(model, *_analysis_copy(args, kwargs))
-        rep.measured_after = measure_step(rewritten, *_analysis_copy(args, kwargs))
+        rep.measured_before = measure_step(model, *analysis_copy(args, kwargs))
+        rep.measured_after = measure_step(rewritten, *analysis_copy(args, kwargs))
         if any(r.checkpointed for r in rep.rows):  # their saving shows at the peak only
-            rep.peak_before = measure_peak(model, *_analysis_copy(args, kwargs))
-            rep.peak_after = measure_peak(rewritten, *_analysis_copy(args, kwargs))
+            rep.peak_before = measure_peak(model, *analysis_copy(args, kwargs))
+            rep.peak_after = measure_peak(rewritten, *analysis_copy(args, kwargs))
     return rep
 
 
@@ -323,88 +302,3 @@ def _table_notes(p: Plan, fits: dict | None, tables: str) -> list[str]:
             f"(N(0,1) tables: {mean([f.error_normal for f in done]):.3f}); refitted to the "
             f"training inputs after {REFIT_EVERY} training calls, then at doubling intervals "
             f"up to {REFIT_INTERVAL_CAP * REFIT_EVERY} (eager)"]
-
-
-def measure_step(model: nn.Module, args: tuple, kwargs: dict) -> int:
-    """Saved bytes of one forward+backward (parameters and buffers excluded), no side effects.
-
-    A plain backward() runs the step (torch.autograd.grad is refused by reentrant
-    checkpointing); the gradients it leaves are put back as they were.
-    """
-    with preserved_state(model), torch.enable_grad(), _gradients_restored(model, args, kwargs):
-        record = saved_bytes(lambda: scalar_loss(model(*args, **kwargs)),
-                             exclude=list(model.parameters()) + list(model.buffers()))
-        if record.loss.requires_grad:
-            record.loss.backward()
-    return record.bytes
-
-
-def measure_peak(model: nn.Module, args: tuple, kwargs: dict) -> int:
-    """Most bytes of tensors allocated during one forward+backward that are live at once
-    (CUDA: torch.cuda.max_memory_allocated above the start; CPU: the profiler's allocator
-    timeline), after a warm-up step; no side effects."""
-    def step():
-        loss = scalar_loss(model(*args, **kwargs))
-        if loss.requires_grad:
-            loss.backward()
-
-    with preserved_state(model), torch.enable_grad(), _gradients_restored(model, args, kwargs):
-        step()  # warm-up: first-call allocations and kernel builds stay out of the figure
-        for t in _grad_leaves(model, args, kwargs):
-            t.grad = None
-        cuda = next((t.device for t in model.parameters() if t.is_cuda), None)
-        if cuda is None:
-            return allocated_peak(step).bytes
-        torch.cuda.synchronize(cuda)
-        torch.cuda.reset_peak_memory_stats(cuda)
-        base = torch.cuda.memory_allocated(cuda)
-        step()
-        torch.cuda.synchronize(cuda)
-        return torch.cuda.max_memory_allocated(cuda) - base
-
-
-def _grad_leaves(model: nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    """The tensors a step's backward() leaves gradients on: parameters and inputs."""
-    return [t for t in [*model.parameters(), *args, *kwargs.values()]
-            if isinstance(t, torch.Tensor) and t.requires_grad]
-
-
-@contextlib.contextmanager
-def _gradients_restored(model: nn.Module, args: tuple, kwargs: dict):
-    leaves = _grad_leaves(model, args, kwargs)
-    grads = [t.grad for t in leaves]
-    for t in leaves:
-        t.grad = None
-    try:
-        yield
-    finally:
-        for t, g in zip(leaves, grads):
-            t.grad = g
-
-
-def float_tensors(output) -> list[torch.Tensor]:
-    """The floating-point tensors in any model output (tensor, tuple, dict, HF ModelOutput)."""
-    found: list[torch.Tensor] = []
-
-    def collect(o):
-        if isinstance(o, torch.Tensor):
-            if o.is_floating_point():
-                found.append(o)
-        elif isinstance(o, dict) or hasattr(o, "to_tuple"):
-            for v in (o.values() if isinstance(o, dict) else o.to_tuple()):
-                collect(v)
-        elif isinstance(o, (list, tuple)):
-            for v in o:
-                collect(v)
-
-    collect(output)
-    return found
-
-
-def scalar_loss(output) -> torch.Tensor:
-    """A scalar from any model output: the mean square of each floating-point tensor, summed
-    (squares, so no gradient is trivially constant)."""
-    tensors = float_tensors(output)
-    if not tensors:
-        raise ValueError("the model output holds no floating-point tensor to take a loss of")
-    return sum((t.float() ** 2).mean() for t in tensors)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from fewbit_fx import models
-from fewbit_fx.api import measure_step, scalar_loss
+from fewbit_fx.measure import measure_step, scalar_loss
 
 SCALES = {"quick": ("tiny", 3), "full": ("small", 7)}  # model scale, timed repeats
 MODELS = ("gpt2", "bert", "llama", "vit")

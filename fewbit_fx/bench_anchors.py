@@ -69,7 +69,7 @@ def _build(name: str, scale: str, batch: int):
 
 def measure(name: str, mode: str, adapters: bool, scale: str = "base", batch: int = 8) -> dict:
     import fewbit_fx
-    from fewbit_fx.api import measure_step
+    from fewbit_fx.measure import measure_step
     from fewbit_fx.bench import _peak
 
     model, args, kwargs = _build(name, scale, batch)

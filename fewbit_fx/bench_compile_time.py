@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from fewbit_fx import models
-from fewbit_fx.api import scalar_loss
+from fewbit_fx.measure import scalar_loss
 
 
 def one_process(model_name: str, scale: str, backend: str) -> dict:

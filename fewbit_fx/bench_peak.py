@@ -19,7 +19,7 @@ from tabulate import tabulate
 from torch import nn
 
 from fewbit_fx import models
-from fewbit_fx.api import scalar_loss
+from fewbit_fx.measure import scalar_loss
 from fewbit_fx.measure import allocated_peak, training_step_saved_bytes
 
 MODELS = ("bert", "gpt2", "vit")
@@ -88,7 +88,7 @@ def checkpointed_rows(names=MODELS, scale: str = "small", modes=MODES) -> list[d
     is saved across the step inside a layer, so what a rewrite can change is the peak
     while backward recomputes one layer."""
     import fewbit_fx
-    from fewbit_fx.api import measure_peak
+    from fewbit_fx.measure import measure_peak
 
     out = []
     for name in names:

@@ -147,7 +147,7 @@ def cmd_demo(a) -> int:
     import torch
 
     import fewbit_fx
-    from fewbit_fx.api import measure_step, scalar_loss
+    from fewbit_fx.measure import measure_step, scalar_loss
 
     torch.manual_seed(0)
     model, args, kwargs = load_model(a.model, a.scale)

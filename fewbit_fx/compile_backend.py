@@ -23,7 +23,7 @@ from fewbit_fx.cache_key import with_cache_key
 from fewbit_fx.packing import check_bits
 from fewbit_fx.passes import decide
 from fewbit_fx.passes.plan import plan_graphs
-from fewbit_fx.passes.rewrite import Planned
+from fewbit_fx.passes.plan import Planned
 
 
 def backend(mode: str = "auto", bits: int = 3, overrides: dict[str, str] | None = None,

@@ -14,7 +14,8 @@ from torch import fx, nn
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from fewbit_fx import _compat
-from fewbit_fx.api import _inputs, measure_step, scalar_loss
+from fewbit_fx.example_inputs import normalise
+from fewbit_fx.measure import measure_step, scalar_loss
 from fewbit_fx.compile_backend import plan_graph, rewrite_graph
 from fewbit_fx.passes import saves
 from fewbit_fx.passes.capture import innermost_module
@@ -73,7 +74,7 @@ def compiled_report(model: nn.Module, *, example_inputs=None, example_kwargs=Non
                     mode: str = "auto", bits: int = 3, overrides=None) -> Report:
     from torch._inductor.compile_fx import compile_fx
 
-    args, kwargs = _inputs(example_inputs, example_kwargs)
+    args, kwargs = normalise(example_inputs, example_kwargs)
     default_rec, fewbit_rec = RecordingPartitioner(), RecordingPartitioner()
     plans: list[list] = []
     site_names: list[dict[str, set[str]]] = []

@@ -336,6 +336,54 @@ def _clamp_branch(x: Tensor, right: Tensor | None, x_min: float | None) -> Tenso
     return torch.where(right, torch.clamp(x, x_min, _X_CAP), torch.clamp(x, -_X_CAP, x_min))
 
 
+# --- tanhshrink in half precision -------------------------------------------------------
+def tanhshrink_half_derivative(y: Tensor, rounded_tanh: bool = True) -> Tensor:
+    """f'(x) in float32 for half y = tanhshrink(x), read by y's 16-bit pattern.
+
+    A half x takes one of 2^16 values, so each y has a known, finite set of preimages,
+    and the table holds the middle of f' over them: the smallest worst-case error any
+    method given y can reach. Which set depends on the forward that ran: eager torch
+    computes x - tanh(x) with tanh(x) rounded to the dtype first (rounded_tanh; then y = 0
+    for every |x| < 0.09 in bf16, which the smooth inverse misreads by up to 0.008),
+    Inductor in fp32 with one rounding at the end.
+    """
+    values = _tanhshrink_half_table(y.dtype, rounded_tanh)
+    if torch.compiler.is_dynamo_compiling() or (
+        type(y) is torch.Tensor and torch._C._len_torch_dispatch_stack() == 0
+    ):
+        table = _tanhshrink_half_tensor(y.dtype, rounded_tanh).to(y.device)
+    else:  # under fake or functional tensors a real tensor may not mix in (see _table)
+        table = torch.tensor(values, dtype=torch.float32, device=y.device)
+    return table[y.view(torch.int16).to(torch.int32) & 0xFFFF]
+
+
+@functools.lru_cache(maxsize=None)
+def _tanhshrink_half_tensor(dtype: torch.dtype, rounded_tanh: bool) -> Tensor:
+    return torch.tensor(_tanhshrink_half_table(dtype, rounded_tanh), dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _tanhshrink_half_table(dtype: torch.dtype, rounded_tanh: bool) -> tuple[float, ...]:
+    """The 2^16 entries of tanhshrink_half_derivative's table (built once, ~10 ms)."""
+    from fewbit_fx.activations import real_tensors
+
+    with real_tensors():
+        y_of_pattern = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)
+        x = y_of_pattern[~torch.isnan(y_of_pattern)]  # every half input but NaN
+        if rounded_tanh:
+            y = x - torch.tanh(x)  # rounds tanh(x) to the dtype, as torch's eager op
+        else:
+            y = (x.float() - torch.tanh(x.float())).to(dtype)
+        slope = torch.tanh(x.double()) ** 2
+        key = y.view(torch.int16).to(torch.int64) & 0xFFFF
+        lo = torch.full((1 << 16,), math.inf, dtype=torch.float64).scatter_reduce(0, key, slope, "amin")
+        hi = torch.full((1 << 16,), -math.inf, dtype=torch.float64).scatter_reduce(0, key, slope, "amax")
+        # y no half x gives (a forward rounding otherwise): the smooth inverse; NaN stays NaN.
+        smooth = derivative_from_output(get("tanhshrink"), y_of_pattern.double(), None)
+        table = torch.where(lo <= hi, 0.5 * (lo + hi), smooth)
+        return tuple(table.float().tolist())
+
+
 # --- measurement -----------------------------------------------------------------------------
 def floor_and_error(
     act: Activation, dtype: torch.dtype, n: int = 2_000_000, seed: int = 0,
@@ -384,4 +432,5 @@ def _reference(name: str, dtype: torch.dtype, n: int, seed: int):
     return x, y, right, exact, (slope(x_star) - exact).abs().max().item()
 
 
-__all__ = ["SUPPORTED", "bisect", "derivative_from_output", "floor_and_error", "value_and_derivative"]
+__all__ = ["SUPPORTED", "bisect", "derivative_from_output", "floor_and_error", "tanhshrink_half_derivative",
+           "value_and_derivative"]

@@ -1,14 +1,18 @@
 """The project's one memory metric: bytes of distinct storages saved for backward during
 one training step, parameters excluded. Works for eager and compiled models alike, since
-saved_tensors_hooks also fire for compiled training steps.
+saved_tensors_hooks also fire for compiled training steps. Also the step's peak, and the
+loss any model output gives (the steps report() measures).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from fewbit_fx._state import preserved_state
 
 
 @dataclass
@@ -111,3 +115,88 @@ def _op_at(prof, t_ns: int) -> str:
         return "backward: " + node[0].rsplit(":", 1)[-1].strip()
     ops = [name for _, name in sorted(spans) if name.startswith("aten::")]
     return "forward: " + (ops[0] if ops else "?")
+
+
+def measure_step(model: nn.Module, args: tuple, kwargs: dict) -> int:
+    """Saved bytes of one forward+backward (parameters and buffers excluded), no side effects.
+
+    A plain backward() runs the step (torch.autograd.grad is refused by reentrant
+    checkpointing); the gradients it leaves are put back as they were.
+    """
+    with preserved_state(model), torch.enable_grad(), _gradients_restored(model, args, kwargs):
+        record = saved_bytes(lambda: scalar_loss(model(*args, **kwargs)),
+                             exclude=list(model.parameters()) + list(model.buffers()))
+        if record.loss.requires_grad:
+            record.loss.backward()
+    return record.bytes
+
+
+def measure_peak(model: nn.Module, args: tuple, kwargs: dict) -> int:
+    """Most bytes of tensors allocated during one forward+backward that are live at once
+    (CUDA: torch.cuda.max_memory_allocated above the start; CPU: the profiler's allocator
+    timeline), after a warm-up step; no side effects."""
+    def step():
+        loss = scalar_loss(model(*args, **kwargs))
+        if loss.requires_grad:
+            loss.backward()
+
+    with preserved_state(model), torch.enable_grad(), _gradients_restored(model, args, kwargs):
+        step()  # warm-up: first-call allocations and kernel builds stay out of the figure
+        for t in _grad_leaves(model, args, kwargs):
+            t.grad = None
+        cuda = next((t.device for t in model.parameters() if t.is_cuda), None)
+        if cuda is None:
+            return allocated_peak(step).bytes
+        torch.cuda.synchronize(cuda)
+        torch.cuda.reset_peak_memory_stats(cuda)
+        base = torch.cuda.memory_allocated(cuda)
+        step()
+        torch.cuda.synchronize(cuda)
+        return torch.cuda.max_memory_allocated(cuda) - base
+
+
+def _grad_leaves(model: nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors a step's backward() leaves gradients on: parameters and inputs."""
+    return [t for t in [*model.parameters(), *args, *kwargs.values()]
+            if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+@contextlib.contextmanager
+def _gradients_restored(model: nn.Module, args: tuple, kwargs: dict):
+    leaves = _grad_leaves(model, args, kwargs)
+    grads = [t.grad for t in leaves]
+    for t in leaves:
+        t.grad = None
+    try:
+        yield
+    finally:
+        for t, g in zip(leaves, grads):
+            t.grad = g
+
+
+def float_tensors(output) -> list[torch.Tensor]:
+    """The floating-point tensors in any model output (tensor, tuple, dict, HF ModelOutput)."""
+    found: list[torch.Tensor] = []
+
+    def collect(o):
+        if isinstance(o, torch.Tensor):
+            if o.is_floating_point():
+                found.append(o)
+        elif isinstance(o, dict) or hasattr(o, "to_tuple"):
+            for v in (o.values() if isinstance(o, dict) else o.to_tuple()):
+                collect(v)
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                collect(v)
+
+    collect(output)
+    return found
+
+
+def scalar_loss(output) -> torch.Tensor:
+    """A scalar from any model output: the mean square of each floating-point tensor, summed
+    (squares, so no gradient is trivially constant)."""
+    tensors = float_tensors(output)
+    if not tensors:
+        raise ValueError("the model output holds no floating-point tensor to take a loss of")
+    return sum((t.float() ** 2).mean() for t in tensors)

@@ -298,11 +298,6 @@ def names() -> list[str]:
     return list(_CATALOG)
 
 
-def describe(name: str) -> str:
-    """The one-paragraph docstring of a catalog model."""
-    return " ".join((_get(name).__doc__ or "").split())
-
-
 def _get(name: str) -> Callable[[str], tuple]:
     if name not in _CATALOG:
         raise ValueError(f"unknown model {name!r}; the catalog has: {', '.join(_CATALOG)}")
@@ -385,4 +380,4 @@ def build_hf(model_type: str, scale: str = "tiny", seed: int = 0) -> tuple[nn.Mo
     return model, (), {"input_ids": _ids(s, cfg.vocab_size)}
 
 
-__all__ = ["build", "build_hf", "names", "describe", "SCALES", "HF_MODELS"]
+__all__ = ["build", "build_hf", "names", "SCALES", "HF_MODELS"]

@@ -5,6 +5,8 @@
     Inverted(nn.GELU())         # backward keeps the output y (+1 bit); exact to the floor
 
 Both return exactly what the wrapped module returns and never write into their input.
+Under torch.func transforms (grad, jacrev, vmap, functional_call) they run the same
+backward through fewbit_fx.ops.transforms.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from torch import Tensor, nn
 
 from fewbit_fx import ops
 from fewbit_fx.activations import Activation, from_module
+from fewbit_fx.ops import transforms
 from fewbit_fx.ops._common import check_input
 from fewbit_fx.packing import check_bits
 
@@ -51,7 +54,7 @@ class FewBit(nn.Module):
         self.bits = check_bits(bits)
         self.fitted_on: int | None = None  # how many observed inputs the table was fitted to
         self.schedule_refits(refit_every)
-        table = optimal_table(self.activation, bits, density)
+        table = optimal_table(self.activation, self.bits, density)
         # Non-persistent: swapping an activation must not change the model's state_dict.
         self.register_buffer("borders", table.borders.float(), persistent=False)
         self.register_buffer("levels", table.levels.float(), persistent=False)
@@ -92,7 +95,7 @@ class FewBit(nn.Module):
         return self
 
     def _maybe_refit(self, x: Tensor) -> None:
-        if self.refit_every is None or torch.compiler.is_compiling():
+        if self.refit_every is None or torch.compiler.is_compiling() or transforms.active():
             return
         self._calls += 1
         if self._calls >= self._next_refit and x.numel() >= MIN_FIT_SAMPLES:
@@ -105,9 +108,8 @@ class FewBit(nn.Module):
         if not _needs_saving(x):
             return self.activation.forward(x)
         self._maybe_refit(x)
-        y, _ = ops.fewbit_forward(
-            x, self.activation.name, self.activation.param_list, self.borders, self.levels, self.bits
-        )
+        op = transforms.fewbit_forward if transforms.active() else ops.fewbit_forward
+        y, _ = op(x, self.activation.name, self.activation.param_list, self.borders, self.levels, self.bits)
         return y
 
     def extra_repr(self) -> str:
@@ -132,7 +134,8 @@ class Inverted(nn.Module):
         check_input(x, "Inverted")  # also without grad: the same inputs work in both modes
         if not _needs_saving(x):
             return self.activation.forward(x)
-        y, _ = ops.inverted_forward(x, self.activation.name, self.activation.param_list)
+        op = transforms.inverted_forward if transforms.active() else ops.inverted_forward
+        y, _ = op(x, self.activation.name, self.activation.param_list)
         return y
 
     def extra_repr(self) -> str:

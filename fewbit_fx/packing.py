@@ -6,15 +6,18 @@ that Inductor can fuse packing and unpacking with the neighbouring pointwise wor
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
 
 def check_bits(bits: int) -> int:
-    """Validate a bits-per-element setting; the error says what is allowed."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+    """Validate a bits-per-element setting and return it as an int; any integer type
+    (numpy's too) is accepted, bools are not. The error says what is allowed."""
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 1 <= bits <= 8:
         raise ValueError(f"bits must be an integer from 1 to 8, got {bits!r}")
-    return bits
+    return int(bits)
 
 
 def packed_nbytes(numel: int, bits: int) -> int:

@@ -42,10 +42,6 @@ class Report:
     def total_after(self) -> int:
         return sum(r.saved_after for r in self.rows)
 
-    @property
-    def estimated_saving(self) -> int:
-        return self.total_before - self.total_after
-
     def to_dict(self) -> dict:
         return {
             "mode": self.mode, "bits": self.bits,

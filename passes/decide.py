@@ -94,13 +94,13 @@ def decide(site: Site, saves: SiteSaves, mode: str, bits: int, forced: bool = Fa
         if saves.y_mutated:
             inverted = None
         else:
-            mask = packed_nbytes(saves.numel, 1) if site.activation.needs_mask else 0
+            mask = packed_nbytes(saves.numel, 1) if site.activation.saves_mask(saves.dtype) else 0
             extra = 0 if saves.y_kept_by else saves.y_bytes
             inverted = Decision("inverted", None, extra + mask, _inverted_reason(site, saves))
         if inverted is not None:
             candidates.append(inverted)
     if mode in ("auto", "fewbit"):
-        after = packed_nbytes(saves.numel, bits) + 4 * 2**bits
+        after = packed_nbytes(saves.numel, bits) + 1 + 4 * 2**bits  # codes, non-finite flag, levels
         candidates.append(Decision("fewbit", bits, after, _fewbit_reason(saves, bits)))
     if not candidates:
         return Decision("kept", None, saves.saved_before, f"{_mutated(saves)}, so it cannot be saved (exact mode)")
@@ -136,7 +136,7 @@ def _mutated(saves: SiteSaves) -> str:
 
 
 def _inverted_reason(site: Site, saves: SiteSaves) -> str:
-    bit = ", +1 bit/elem branch mask" if site.activation.needs_mask else ""
+    bit = ", +1 bit/elem branch mask" if site.activation.saves_mask(saves.dtype) else ""
     if saves.y_kept_by:
         return f"output already kept by {saves.y_kept_by[0]}{bit}"
     return f"output kept instead of input{bit}"

@@ -2,12 +2,21 @@
 compiler's graph), including one variant per module that several sites share."""
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from torch import fx
 
 from fewbit_fx.passes import capture, decide, detect, saves
-from fewbit_fx.passes.rewrite import Planned
+
+
+@dataclass
+class Planned:
+    """One site with what it keeps now and what was decided for it."""
+
+    site: detect.Site
+    saves: saves.SiteSaves
+    decision: decide.Decision
+
 
 RECOMPUTED = ("inside an activation-checkpointed region: torch.compile recomputes the region "
               "in backward and saves nothing of it")

@@ -18,17 +18,10 @@ from torch import nn
 from fewbit_fx.nn import FewBit, Inverted
 from fewbit_fx.passes.decide import Decision
 from fewbit_fx.passes.detect import Site
-from fewbit_fx.passes.saves import SiteSaves
+from fewbit_fx.passes.plan import Planned
 from fewbit_fx.passes.source_rewrite import CannotRewrite, Target, _Rewritten, build, locate
 
 _REPLACED = "_fewbit_replaced"  # on a FewBit/Inverted module: the activation module it replaced
-
-
-@dataclass
-class Planned:
-    site: Site
-    saves: SiteSaves
-    decision: Decision
 
 
 def build_module(site: Site, decision: Decision) -> nn.Module:

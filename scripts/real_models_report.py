@@ -26,7 +26,8 @@ import torch
 
 import fewbit_fx
 from fewbit_fx import models
-from fewbit_fx.api import plan, scalar_loss
+from fewbit_fx.api import plan
+from fewbit_fx.measure import scalar_loss
 
 MODES = ("auto", "exact", "fewbit")
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 import fewbit_fx
-from fewbit_fx.api import _analysis_copy, measure_step, scalar_loss
+from fewbit_fx.example_inputs import analysis_copy as _analysis_copy
+from fewbit_fx.measure import measure_step, scalar_loss
 
 VOCAB = 128
 

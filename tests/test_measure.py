@@ -59,7 +59,7 @@ def test_training_step_excludes_parameters_and_runs_backward():
     assert acts <= n <= acts + 4 * 16 * 4
 
 
-# --- FewBit: ceil(n * bits / 8) bytes of codes + the levels table -------------------------------
+# --- FewBit: ceil(n * bits / 8) bytes of codes + the flag byte + the levels table ----------------
 @pytest.mark.parametrize("n", [1, 7, 13, 64, 1000])
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_fewbit_saves_packed_codes(bits, n, monkeypatch):
@@ -67,7 +67,7 @@ def test_fewbit_saves_packed_codes(bits, n, monkeypatch):
         monkeypatch.setattr("fewbit_fx.tables.optimal_table", _stub_table)
     module = FewBit(nn.GELU(), bits)
     x = torch.randn(n, requires_grad=True)
-    codes = math.ceil(n * bits / 8)
+    codes = math.ceil(n * bits / 8) + 1  # + the non-finite flag (fewbit_fx.ops.fewbit)
     record = saved_bytes(lambda: module(x).sum())
     assert codes <= record.bytes <= codes + 1024
     assert record.bytes == codes + 4 * 2**bits  # exactly: codes + float32 levels
@@ -81,7 +81,8 @@ def test_fewbit_saves_packed_codes(bits, n, monkeypatch):
 def test_fewbit_saved_bytes_do_not_depend_on_dtype(dtype):
     module = FewBit(nn.GELU(), 3)
     x = torch.randn(100, dtype=dtype, requires_grad=True)
-    assert saved_bytes(lambda: module(x).sum(), exclude=module.buffers()).bytes == math.ceil(300 / 8)
+    codes_and_flag = math.ceil(300 / 8) + 1
+    assert saved_bytes(lambda: module(x).sum(), exclude=module.buffers()).bytes == codes_and_flag
 
 
 # --- Inverted: y itself (shared storage) + 1 bit per element when non-monotone -------------------
@@ -171,7 +172,7 @@ def test_inverted_block_monotone_saves_the_whole_input():
 def test_fewbit_block_saves_the_gelu_input_minus_the_codes():
     baseline, n = _block_bytes(nn.GELU())
     fewbit, _ = _block_bytes(FewBit(nn.GELU(), 3))  # levels buffer excluded with the model's
-    assert baseline - fewbit == n * 4 - math.ceil(n * 3 / 8)
+    assert baseline - fewbit == n * 4 - math.ceil(n * 3 / 8) - 1  # codes and their flag byte
 
 
 # --- allocated_peak ------------------------------------------------------------------------

@@ -284,6 +284,20 @@ def activation_forward(x, P0, P1, P2, ACT: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def mask_bit(x, BRANCH, P0, P1, ACT: tl.constexpr):
+    """The saved bit of fewbit_fx.activations.Activation.mask_bit, from fp32 x."""
+    if ACT == SOFTPLUS:  # torch's linear side, for either sign of beta
+        bit = x * P0 > P1
+    elif ACT == HARDTANH:  # torch's backward passes the gradient strictly inside
+        bit = ~((x <= P0) | (x >= P1))
+    elif ACT == HARDSWISH:  # NaN goes right: y = NaN then says x = NaN, not -inf
+        bit = ~(x <= BRANCH)
+    else:
+        bit = x > BRANCH
+    return bit
+
+
+@triton.jit
 def derivative_times_grad(
     g, y, right, P0, P1, P2, ACT: tl.constexpr, NEEDS_MASK: tl.constexpr, DTYPE: tl.constexpr
 ):
@@ -318,7 +332,10 @@ def derivative_times_grad(
     elif ACT == RELU:
         out = tl.where(y <= 0, 0.0, g)
     elif ACT == HARDTANH:
-        out = tl.where((y <= P0) | (y >= P1), 0.0, g)
+        if NEEDS_MASK:  # a bound rounded inward in the dtype: the bit is torch's "inside"
+            out = tl.where(right != 0, g, 0.0)
+        else:
+            out = tl.where((y <= P0) | (y >= P1), 0.0, g)
     elif ACT == HARDSIGMOID:
         out = g * tl.where((y > 0) & (y < 1), ONE_SIXTH, 0.0)
     elif ACT == HARDSWISH:  # x = -3/2 +- sqrt(9 + 24 y)/2, f'(x) = (2x + 3)/6
@@ -328,7 +345,7 @@ def derivative_times_grad(
         is_right = right != 0
         d = tl.where(is_right, root, -root)
         d = tl.where(is_right & (y >= 3.0), 1.0, d)  # identity region x >= 3
-        d = tl.where((right == 0) & (y == 0), 0.0, d)  # flat region x <= -3
+        d = tl.where((right == 0) & ~(y < 0.0), 0.0, d)  # flat region x <= -3, and x = -inf
         out = g * d
     elif ACT == LOGSIGMOID:
         out = g * -_expm1(y)

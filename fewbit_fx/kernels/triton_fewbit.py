@@ -1,11 +1,12 @@
 """Triton kernels for fewbit_fx::fewbit_forward / fewbit_backward (one pass each).
 
 forward reads x once and writes y = f(x) and the packed b-bit interval codes
-(`torch.bucketize(x, borders)`, right=False, compared in fp32); backward reads grad and the
-codes once and writes grad * levels[code]. The launchers take the op's arguments and
-return what the torch implementations in fewbit_fx.ops.fewbit return, byte for byte for the
-codes; float64 and unusual tables (more borders than codes, too few levels) go to those
-torch implementations.
+(`torch.bucketize(x, borders)`, right=False, compared in fp32) followed by the flag byte
+of fewbit_fx.ops.fewbit (some x had a NaN derivative); backward reads grad and the codes
+once and writes grad * levels[code], or NaN everywhere when the flag is set. The
+launchers take the op's arguments and return what the torch implementations in
+fewbit_fx.ops.fewbit return, byte for byte for the codes; float64 and unusual tables
+(more borders than codes, too few levels) go to those torch implementations.
 """
 from __future__ import annotations
 
@@ -49,10 +50,14 @@ def _bucketize(x, borders_ptr, NB, BITS: tl.constexpr):
     return tl.minimum(code, NB)
 
 
+# Activation.nan_derivative as a kernel switch: where torch's derivative is NaN.
+NAN_TESTS = {"never": 0, "nan": 1, "nonfinite": 2}
+
+
 @triton.jit
 def _fewbit_forward_kernel(
     x_ptr, y_ptr, packed_ptr, borders_ptr, n, nbytes, NB, P0, P1, P2,
-    ACT: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
+    ACT: tl.constexpr, BITS: tl.constexpr, NAN_TEST: tl.constexpr, BLOCK: tl.constexpr,
 ):
     G: tl.constexpr = BLOCK // 8
     pid = tl.program_id(0)
@@ -62,6 +67,10 @@ def _fewbit_forward_kernel(
     tl.store(y_ptr + offs, to_dtype(y, y_ptr.dtype.element_ty), mask=mask)
     code = tl.where(mask, _bucketize(x, borders_ptr, NB, BITS), 0)  # pad codes with 0
     store_packed(packed_ptr, code, pid, nbytes, BITS, G)
+    if NAN_TEST != 0:  # the flag byte after the codes (zeroed by the launcher)
+        bad = (x != x) if NAN_TEST == 1 else ~(tl.abs(x) < float("inf"))
+        hit = tl.max(tl.max((bad & mask).to(tl.int32), axis=1), axis=0)
+        tl.store(packed_ptr + nbytes, hit.to(tl.uint8), mask=hit > 0)
 
 
 @triton.jit
@@ -74,7 +83,9 @@ def _fewbit_backward_kernel(
     offs, mask = block_offsets(pid, n, G)
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     level = tl.load(levels_ptr + load_packed(packed_ptr, pid, nbytes, BITS, G))
-    tl.store(out_ptr + offs, to_dtype(g * level, out_ptr.dtype.element_ty), mask=mask)
+    flag = tl.load(packed_ptr + nbytes)  # some x had a NaN derivative: all NaN (ops.fewbit)
+    out = tl.where(flag != 0, float("nan"), g * level)
+    tl.store(out_ptr + offs, to_dtype(out, out_ptr.dtype.element_ty), mask=mask)
 
 
 def fewbit_forward(
@@ -86,10 +97,13 @@ def fewbit_forward(
     n_codes = (1 << bits) - 1
     if not (supported_dtype(x.dtype) and supported_activation(act)) or borders.numel() > n_codes:
         return _torch_impl._forward(x, act, params, borders, bits)
-    act_id, p0, p1, p2 = kernel_params(from_op_args(act, params))
+    a = from_op_args(act, params)
+    act_id, p0, p1, p2 = kernel_params(a)
     xc = x.contiguous()
     y = torch.empty_like(xc)
-    packed = torch.empty(packed_nbytes(xc.numel(), bits), dtype=torch.uint8, device=x.device)
+    nbytes = packed_nbytes(xc.numel(), bits)
+    packed = torch.empty(nbytes + 1, dtype=torch.uint8, device=x.device)
+    packed[nbytes:].zero_()  # the flag byte
     if xc.numel() == 0:
         return like_input(y, x), packed
     b = borders.to(device=x.device, dtype=torch.float32).reshape(-1)
@@ -98,8 +112,9 @@ def fewbit_forward(
     b = b.contiguous()
     grid = (triton.cdiv(xc.numel(), block),)
     _fewbit_forward_kernel[grid](
-        xc, y, packed, b, xc.numel(), packed.numel(), borders.numel(), p0, p1, p2,
-        ACT=act_id, BITS=bits, BLOCK=block, num_warps=NUM_WARPS, **COMPILE_OPTIONS,
+        xc, y, packed, b, xc.numel(), nbytes, borders.numel(), p0, p1, p2,
+        ACT=act_id, BITS=bits, NAN_TEST=NAN_TESTS[a.spec.nan_derivative], BLOCK=block,
+        num_warps=NUM_WARPS, **COMPILE_OPTIONS,
     )
     return like_input(y, x), packed
 
@@ -120,7 +135,7 @@ def fewbit_backward(
     pk = packed.reshape(-1).contiguous()
     grid = (triton.cdiv(g.numel(), block),)
     _fewbit_backward_kernel[grid](
-        g, pk, lv, out, g.numel(), pk.numel(),
+        g, pk, lv, out, g.numel(), pk.numel() - 1,  # the codes; the flag byte follows
         BITS=bits, BLOCK=block, num_warps=NUM_WARPS, **COMPILE_OPTIONS,
     )
     return like_input(out, grad)

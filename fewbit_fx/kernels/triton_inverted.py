@@ -1,7 +1,7 @@
 """Triton kernels for fewbit_fx::inverted_forward / inverted_backward (one pass each).
 
 forward reads x once and writes y = f(x) plus, where y alone does not tell the branch
-(`Activation.needs_mask`), the 1-bit packed mask x > branch_point (compared in fp32);
+(`Activation.saves_mask`), the 1-bit packed mask `Activation.mask_bit` (compared in fp32);
 backward reads grad, y and the mask once and writes grad * f'(x) from the closed form of
 f' in y.
 
@@ -20,7 +20,7 @@ import triton.language as tl
 from fewbit_fx.activations import from_op_args
 from fewbit_fx.kernels.triton_common import (
     BLOCK, CLOSED_FORM_BACKWARD, COMPILE_OPTIONS, NUM_WARPS, activation_forward,
-    block_offsets, derivative_times_grad, kernel_params, like_input, load_packed, store_packed,
+    block_offsets, derivative_times_grad, kernel_params, like_input, load_packed, mask_bit, store_packed,
     supported_activation, supported_dtype, to_dtype,
 )
 from fewbit_fx.ops import inverted as _torch_impl
@@ -39,7 +39,7 @@ def _inverted_forward_kernel(
     y = activation_forward(x, P0, P1, P2, ACT, x_ptr.dtype.element_ty)
     tl.store(y_ptr + offs, to_dtype(y, y_ptr.dtype.element_ty), mask=mask)
     if NEEDS_MASK:
-        store_packed(mask_ptr, (mask & (x > BRANCH)).to(tl.int32), pid, nbytes, 1, G)
+        store_packed(mask_ptr, (mask & mask_bit(x, BRANCH, P0, P1, ACT)).to(tl.int32), pid, nbytes, 1, G)
 
 
 @triton.jit
@@ -75,16 +75,17 @@ def inverted_forward(
     act_id, p0, p1, p2 = kernel_params(a)
     xc = x.contiguous()
     y = torch.empty_like(xc)
-    nbytes = packed_nbytes(xc.numel(), 1) if a.needs_mask else 0
+    masked = a.saves_mask(x.dtype)
+    nbytes = packed_nbytes(xc.numel(), 1) if masked else 0
     packed = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
     if xc.numel() == 0:
         return like_input(y, x), packed
     branch = _fp32(a.branch_point) if a.needs_mask else 0.0
     grid = (triton.cdiv(xc.numel(), block),)
-    mask_arg = packed if a.needs_mask else xc  # never read without a mask; no null pointer
+    mask_arg = packed if masked else xc  # never read without a mask; no null pointer
     _inverted_forward_kernel[grid](
         xc, y, mask_arg, xc.numel(), nbytes, branch, p0, p1, p2,
-        ACT=act_id, NEEDS_MASK=a.needs_mask, BLOCK=block, num_warps=NUM_WARPS,
+        ACT=act_id, NEEDS_MASK=masked, BLOCK=block, num_warps=NUM_WARPS,
         **COMPILE_OPTIONS,
     )
     return like_input(y, x), packed
@@ -117,11 +118,12 @@ def inverted_backward(
     out = torch.empty_like(g)
     if g.numel() == 0:
         return like_input(out, grad)
-    mk = mask.reshape(-1).contiguous() if a.needs_mask else g  # g: unused placeholder
+    masked = a.saves_mask(y.dtype)
+    mk = mask.reshape(-1).contiguous() if masked else g  # g: unused placeholder
     grid = (triton.cdiv(g.numel(), block),)
     _inverted_backward_kernel[grid](
         g, yc, mk, out, g.numel(), mk.numel(), p0, p1, p2,
-        ACT=act_id, NEEDS_MASK=a.needs_mask, BLOCK=block, num_warps=NUM_WARPS,
+        ACT=act_id, NEEDS_MASK=masked, BLOCK=block, num_warps=NUM_WARPS,
         **COMPILE_OPTIONS,
     )
     return like_input(out, grad)

@@ -1,14 +1,25 @@
 """Few-bit backward as custom ops: forward stores the b-bit interval code of x, backward
 multiplies the incoming gradient by that interval's level (the optimal piecewise-constant
 approximation of f', see fewbit_fx.tables).
+
+Non-finite inputs. Where torch's derivative is NaN (x = NaN; also +-inf for GELU, SiLU,
+Mish, Softsign, ...: Activation.nan_derivative) no code can say so: all 2^b codes are
+intervals. So the packed codes end with one flag byte, set when any element is such an x,
+computed in the same pass as the codes. Eager on CPU, the autograd wrapper then finds
+those elements (only then: a rare second pass) and backward puts NaN exactly there. Where
+that would cost a device sync per call (CUDA) or cannot be traced (torch.compile,
+torch.func), the flag makes the whole gradient of that call NaN: NaN wherever torch's
+is, and the step still shows as non-finite (gradient scalers skip it).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 from torch._inductor.decomposition import register_decomposition
 
-from fewbit_fx.activations import from_op_args
+from fewbit_fx.activations import Activation, from_op_args
 from fewbit_fx.kernels import cpu as cpu_kernels
 from fewbit_fx.ops._common import (
     check_input, chunkable, chunks, compare_dtype, no_double_backward, refuse_create_graph,
@@ -21,7 +32,8 @@ from fewbit_fx.packing import pack, packed_nbytes
 def fewbit_forward(
     x: Tensor, act: str, params: list[float], borders: Tensor, levels: Tensor, bits: int
 ) -> tuple[Tensor, Tensor]:
-    """(f(x), packed codes). `levels` is unused here; it is an input so autograd saves it."""
+    """(f(x), packed codes + flag byte). `levels` is unused here; it is an input so
+    autograd saves it."""
     if cpu_kernels.usable(x):
         check_input(x, "FewBit")
         packed = cpu_kernels.fewbit_codes(x, act, params, borders, levels, bits)
@@ -30,23 +42,35 @@ def fewbit_forward(
     if not chunkable(x):
         return _forward(x, act, params, borders, bits)
     check_input(x, "FewBit")
-    dt = compare_dtype(x.dtype)
+    a, dt = from_op_args(act, params), compare_dtype(x.dtype)
     flat, b = x.view(-1), borders.to(dt)
-    packed = x.new_empty(packed_nbytes(x.numel(), bits), dtype=torch.uint8)
+    packed = x.new_empty(packed_nbytes(x.numel(), bits) + 1, dtype=torch.uint8)
+    packed[-1:] = 0
     for s, e in chunks(flat.numel()):
-        packed[s * bits // 8:(e * bits + 7) // 8] = pack(torch.bucketize(flat[s:e].to(dt), b), bits)
-    return from_op_args(act, params).forward(x), packed
+        xs = flat[s:e].to(dt)
+        packed[s * bits // 8:(e * bits + 7) // 8] = pack(torch.bucketize(xs, b), bits)
+        packed[-1:] |= _flag(a, xs)
+    return a.forward(x), packed
 
 
 def _forward(x, act, params, borders, bits, search=torch.bucketize):
     check_input(x, "FewBit")
-    y = from_op_args(act, params).forward(x)
+    a = from_op_args(act, params)
+    y = a.forward(x)
     dt = compare_dtype(x.dtype)
     xs = x.to(dt)
     if search is torch.bucketize:
         xs = xs.contiguous()  # bucketize would copy anyway, with a warning
     codes = search(xs, borders.to(dt))
-    return y, pack(codes, bits)
+    return y, torch.cat([pack(codes, bits), _flag(a, xs)])
+
+
+def _flag(a: Activation, xs: Tensor) -> Tensor:
+    """One byte: 1 if torch's derivative is NaN at some element of xs."""
+    bad = a.nan_derivative(xs)
+    if bad is None:
+        return xs.new_zeros(1, dtype=torch.uint8)
+    return bad.any().to(torch.uint8).view(1)
 
 
 COUNT_MAX_BORDERS = 15  # up to 4 bits: count the borders below x; above: binary search
@@ -73,7 +97,8 @@ def _interval_index(x: Tensor, borders: Tensor) -> Tensor:
 
 @torch.library.custom_op("fewbit_fx::fewbit_backward", mutates_args=())
 def fewbit_backward(grad: Tensor, packed: Tensor, levels: Tensor, bits: int) -> Tensor:
-    """grad * levels[code], in grad's dtype (multiplied in at least fp32)."""
+    """grad * levels[code], in grad's dtype (multiplied in at least fp32); all NaN if the
+    flag byte says some x had a NaN derivative (see the module docstring)."""
     if cpu_kernels.usable(grad):
         out = cpu_kernels.fewbit_backward(grad, packed, levels, bits)
         if out is not None:
@@ -82,21 +107,40 @@ def fewbit_backward(grad: Tensor, packed: Tensor, levels: Tensor, bits: int) -> 
         return _backward(grad, packed, levels, bits)
     g, out = grad.view(-1), torch.empty_like(grad)
     for s, e in chunks(g.numel()):
-        out.view(-1)[s:e] = _backward(g[s:e], packed[s * bits // 8:(e * bits + 7) // 8], levels, bits)
-    return out
+        out.view(-1)[s:e] = _times_level(g[s:e], packed[s * bits // 8:(e * bits + 7) // 8], levels, bits)
+    if packed.device.type == "cpu":  # reading the flag is free here: no extra pass
+        return out.fill_(math.nan) if packed[-1] else out
+    return out.masked_fill_(packed[-1] != 0, math.nan)  # no device sync
 
 
-def _backward(grad, packed, levels, bits):
+def _backward(grad, packed, levels, bits, unpack=unpack):
+    out = _times_level(grad, packed, levels, bits, unpack)
+    return torch.where(packed[-1] != 0, math.nan, out)  # one flag for all: fused, no branch
+
+
+def _times_level(grad, packed, levels, bits, unpack=unpack):
     codes = unpack(packed, bits, grad.numel()).to(torch.int64).view(grad.shape)
     dt = compare_dtype(grad.dtype)
     return (grad.to(dt) * levels.to(dt)[codes]).to(grad.dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, _, _, levels, bits = inputs
+    x, act, params, _, levels, bits = inputs
+    packed = output[1]
     ctx.bits = bits
-    ctx.save_for_backward(output[1], levels)
+    ctx.nan_at = None
+    if _is_eager_cpu(packed) and packed[-1]:  # rare: find the elements, clear the flag
+        ctx.nan_at = torch.nonzero(from_op_args(act, params).nan_derivative(x).reshape(-1)).view(-1)
+        packed = packed.clone()
+        packed[-1] = 0
+    ctx.save_for_backward(packed, levels)
     ctx.set_materialize_grads(False)  # else autograd allocates a zero gradient for the codes
+
+
+def _is_eager_cpu(t: Tensor) -> bool:
+    """A real CPU tensor outside any tracing: reading a value off it costs no sync."""
+    return (type(t) is torch.Tensor and t.device.type == "cpu"
+            and torch._C._len_torch_dispatch_stack() == 0 and not torch.compiler.is_compiling())
 
 
 def _autograd_backward(ctx, grad_y, grad_packed):
@@ -104,7 +148,10 @@ def _autograd_backward(ctx, grad_y, grad_packed):
     if grad_y is None:  # only reachable with grads not materialised: nothing flows back
         return None, None, None, None, None, None
     packed, levels = ctx.saved_tensors
-    return fewbit_backward(grad_y.contiguous(), packed, levels, ctx.bits), None, None, None, None, None
+    out = fewbit_backward(grad_y.contiguous(), packed, levels, ctx.bits)
+    if ctx.nan_at is not None:
+        out.view(-1)[ctx.nan_at] = math.nan
+    return out, None, None, None, None, None
 
 
 # The fakes run the same aten code on fake tensors, so shapes and strides always agree.

@@ -9,7 +9,7 @@ from torch._inductor.decomposition import register_decomposition
 
 from fewbit_fx.activations import Activation, from_op_args
 # Imported eagerly: its tables are built on import, never while torch.compile traces.
-from fewbit_fx.inverse import derivative_from_output
+from fewbit_fx.inverse import derivative_from_output, tanhshrink_half_derivative
 from fewbit_fx.kernels import cpu as cpu_kernels
 from fewbit_fx.ops._common import (
     check_input, chunkable, chunks, compare_dtype, no_double_backward, refuse_create_graph,
@@ -20,19 +20,19 @@ from fewbit_fx.packing import pack, packed_nbytes
 
 @torch.library.custom_op("fewbit_fx::inverted_forward", mutates_args=())
 def inverted_forward(x: Tensor, act: str, params: list[float]) -> tuple[Tensor, Tensor]:
-    """(f(x), packed 1-bit mask x > branch point); empty when y alone tells the branch."""
+    """(f(x), packed 1-bit mask Activation.mask_bit); empty when y alone tells the branch."""
     a = from_op_args(act, params)
-    if a.needs_mask and cpu_kernels.usable(x):
-        check_input(x, "Inverted")
+    check_input(x, "Inverted")
+    masked = a.saves_mask(x.dtype)
+    if masked and cpu_kernels.usable(x):
         mask = cpu_kernels.inverted_mask(x, act, params)
         if mask is not None:
             return a.forward(x), mask
-    if not (a.needs_mask and chunkable(x)):
+    if not (masked and chunkable(x)):
         return _forward(x, act, params)
-    check_input(x, "Inverted")
     flat, mask = x.view(-1), x.new_empty(packed_nbytes(x.numel(), 1), dtype=torch.uint8)
     for s, e in chunks(flat.numel()):
-        mask[s // 8:(e + 7) // 8] = pack(flat[s:e].to(compare_dtype(x.dtype)) > a.branch_point, 1)
+        mask[s // 8:(e + 7) // 8] = pack(a.mask_bit(flat[s:e].to(compare_dtype(x.dtype))), 1)
     return a.forward(x), mask
 
 
@@ -40,15 +40,18 @@ def _forward(x, act, params):
     check_input(x, "Inverted")
     a = from_op_args(act, params)
     y = a.forward(x)
-    if not a.needs_mask:
+    if not a.saves_mask(x.dtype):
         return y, x.new_empty(0, dtype=torch.uint8)
-    return y, pack(x.to(compare_dtype(x.dtype)) > a.branch_point, 1)
+    return y, pack(a.mask_bit(x.to(compare_dtype(x.dtype))), 1)
 
 
 @torch.library.custom_op("fewbit_fx::inverted_backward", mutates_args=())
 def inverted_backward(grad: Tensor, y: Tensor, mask: Tensor, act: str, params: list[float]) -> Tensor:
     """grad * f'(x), with x recovered from y (and the branch mask)."""
-    if cpu_kernels.usable(grad) and not from_op_args(act, params).exact_from_output:
+    a = from_op_args(act, params)
+    # Not for half tanhshrink: its lookup is cheap eagerly, and the compiled kernel would
+    # assume Inductor's forward (see _backward_compiled), not the eager one that ran.
+    if cpu_kernels.usable(grad) and not (a.exact_from_output or _tanhshrink_table(a, y)):
         out = cpu_kernels.inverted_backward(grad, y, mask, act, params)
         if out is not None:
             return out
@@ -62,22 +65,40 @@ def inverted_backward(grad: Tensor, y: Tensor, mask: Tensor, act: str, params: l
     return out
 
 
-def _backward(grad, y, mask, act, params):
+def _backward(grad, y, mask, act, params, rounded_tanh=True, unpack=unpack):
     a = from_op_args(act, params)
-    right = (unpack(mask, 1, y.numel()).view(y.shape) != 0) if a.needs_mask else None
-    return grad_from_output(a, grad, y, right)
+    right = (unpack(mask, 1, y.numel()).view(y.shape) != 0) if a.saves_mask(y.dtype) else None
+    return grad_from_output(a, grad, y, right, rounded_tanh)
 
 
-def grad_from_output(a: Activation, grad: Tensor, y: Tensor, right: Tensor | None) -> Tensor:
-    """grad * f'(x): a closed form in y where one exists, else the numerical inverse."""
+def _backward_compiled(grad, y, mask, act, params):
+    """Inductor's version: there the forward is Inductor's too, which computes half
+    tanhshrink in fp32 and rounds once."""
+    return _backward(grad, y, mask, act, params, rounded_tanh=False)
+
+
+def _tanhshrink_table(a: Activation, y: Tensor) -> bool:
+    return a.name == "tanhshrink" and y.dtype in (torch.float16, torch.bfloat16)
+
+
+def grad_from_output(a: Activation, grad: Tensor, y: Tensor, right: Tensor | None,
+                     rounded_tanh: bool = True) -> Tensor:
+    """grad * f'(x): a closed form in y where one exists, else the numerical inverse.
+    rounded_tanh: half tanhshrink's y came from eager torch, x - (tanh x rounded)."""
     if a.exact_from_output:
         return a.spec.grad_from_output(grad, y, right, a.p)
     dt = compare_dtype(grad.dtype)
+    if _tanhshrink_table(a, y):
+        return (grad.to(dt) * tanhshrink_half_derivative(y, rounded_tanh).to(dt)).to(grad.dtype)
+    nan_at_inf = a.spec.nan_derivative == "nonfinite"
     if a.twin is not None:  # f(x) = twin(s*x)/s, so f'(x) = twin'(x') with twin(x') = s*y
         twin, scale = a.twin
         y = y.to(dt) * scale if scale != 1.0 else y
         a = twin
-    return (grad.to(dt) * derivative_from_output(a, y, right, dtype=dt)).to(grad.dtype)
+    d = derivative_from_output(a, y, right, dtype=dt)
+    if nan_at_inf:  # torch's f'(+inf) is inf * 0 = NaN (GELU, SiLU, ...): + 0 * y gives it
+        d = d + 0.0 * y.to(dt)
+    return (grad.to(dt) * d).to(grad.dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -102,4 +123,4 @@ inverted_forward.register_autograd(_autograd_backward, setup_context=_setup_cont
 inverted_backward.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 register_decomposition(torch.ops.fewbit_fx.inverted_forward.default)(_forward)
-register_decomposition(torch.ops.fewbit_fx.inverted_backward.default)(_backward)
+register_decomposition(torch.ops.fewbit_fx.inverted_backward.default)(_backward_compiled)

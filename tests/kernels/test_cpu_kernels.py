@@ -104,3 +104,56 @@ def test_short_tensors_and_other_switches_use_torch_ops(monkeypatch):
     assert cpu.usable(torch.zeros(cpu.MIN_NUMEL))
     monkeypatch.setenv("FEWBIT_FX_CPU_KERNELS", "0")
     assert not cpu.usable(torch.zeros(cpu.MIN_NUMEL))
+
+
+NON_FINITE_AT = [0, 17, 40_000, N - 1]  # vectorised body and the scalar tail
+
+
+@pytest.mark.parametrize("name, dtype", [("gelu", torch.float32), ("sigmoid", torch.bfloat16),
+                                         ("relu", torch.float32), ("softsign", torch.float64)])
+def test_fewbit_non_finite_inputs_on_long_tensors(monkeypatch, name, dtype):
+    # The compiled kernel computes the flag byte with the codes, in the same loop.
+    act = get(name)
+    borders = torch.sort(torch.randn(7, generator=torch.Generator().manual_seed(3)))[0]
+    levels = torch.rand(8, generator=torch.Generator().manual_seed(4))
+    x, g = randn(dtype), randn(dtype, seed=1)
+    x[NON_FINITE_AT] = torch.tensor([float("nan"), float("inf"), -float("inf"), float("nan")], dtype=dtype)
+    (y, packed), (y0, packed0) = both_paths(
+        monkeypatch, lambda: fewbit_forward(x, name, [], borders, levels, 3))
+    assert torch.equal(packed, packed0) and "fewbit_codes" in compiled_keys()
+    bad = act.nan_derivative(x)
+    assert int(packed[-1]) == int(bad is not None and bool(bad.any()))
+
+    def grad():
+        xr = x.clone().requires_grad_(True)
+        fewbit_forward(xr, name, [], borders, levels, 3)[0].backward(g)
+        return xr.grad
+
+    out, out0 = both_paths(monkeypatch, grad)
+    assert torch.equal(out.isnan(), out0.isnan()) and torch.equal(out.nan_to_num(), out0.nan_to_num())
+    expected_nan = torch.zeros_like(x, dtype=torch.bool) if bad is None else bad
+    assert torch.equal(out.isnan(), expected_nan)  # exactly there, nowhere else
+    dt = torch.promote_types(dtype, torch.float32)
+    codes = torch.bucketize(x.to(dt), borders.to(dt))
+    keep = ~expected_nan
+    assert torch.equal(out[keep], (g.to(dt) * levels.to(dt)[codes]).to(dtype)[keep])
+    if bool(packed[-1]):  # the op alone (as compiled graphs run it) knows only the flag
+        alone, alone0 = both_paths(monkeypatch, lambda: fewbit_backward(g, packed, levels, 3))
+        assert bool(alone.isnan().all()) and bool(alone0.isnan().all())
+
+
+@pytest.mark.parametrize("name, params", [("gelu", []), ("silu", []), ("hardswish", []),
+                                          ("softplus", [-2.0, 1.0])])
+def test_inverted_non_finite_inputs_on_long_tensors(monkeypatch, name, params):
+    # +inf: NaN for GELU/SiLU (torch's inf * 0); Hardswish: NaN at NaN, 0 at -inf.
+    act = get(name, **dict(zip(get(name).spec.param_names, params)))
+    x, g = randn(), torch.ones(N)
+    x[[0, 1, 2]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    (y, mask), (y0, mask0) = both_paths(monkeypatch, lambda: inverted_forward(x, name, params))
+    assert torch.equal(mask, mask0)
+    grad, grad0 = both_paths(monkeypatch, lambda: inverted_backward(g, y, mask, name, params))
+    xr = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(act.forward(xr), xr, g)
+    for out in (grad, grad0):
+        assert torch.equal(out[:3].isnan(), expected[:3].isnan()), (out[:3], expected[:3])
+        assert torch.equal(out[:3].nan_to_num(), expected[:3].nan_to_num())

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fewbit_fx.ops  # noqa: F401  (registers the ops)
-from fewbit_fx.activations import get
+from fewbit_fx.activations import SUPPORTED, get
 from fewbit_fx.packing import unpack
 
 fewbit_forward = torch.ops.fewbit_fx.fewbit_forward
@@ -45,7 +45,8 @@ def test_forward_returns_exact_y_and_packed_codes(bits, dtype):
     y, packed = fewbit_forward(x, "gelu", [], borders, levels, bits)
     assert torch.equal(y, F.gelu(x))
     assert packed.dtype == torch.uint8
-    assert packed.shape == (math.ceil(n * bits / 8),)
+    assert packed.shape == (math.ceil(n * bits / 8) + 1,)  # the codes, then the flag byte
+    assert packed[-1] == 0  # no non-finite input
     assert torch.equal(unpack(packed, bits, n).long(), expected_codes(x, borders))
 
 
@@ -132,3 +133,66 @@ def test_opcheck_backward():
     x = random_x(37, torch.float32)
     _, packed = fewbit_forward(x, "gelu", [], borders, levels, 3)
     torch.library.opcheck(fewbit_backward.default, (random_x(37, torch.float32, 8), packed, levels, 3))
+
+
+# --- non-finite inputs ---------------------------------------------------------------------
+# torch's gradient at NaN, +inf, -inf, where its vectorised loop runs (the start of a long
+# tensor: there ELU and Hardswish give NaN at NaN; their scalar tail loop a number).
+NON_FINITE = [math.nan, math.inf, -math.inf]
+AT = [0, 9, 16]  # where the non-finite values go in a tensor of random ones
+
+
+def _torch_grad(act, x):
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(act.forward(xr), xr, torch.ones_like(x))
+    return g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_non_finite_inputs_give_nan_exactly_where_torch_does(name, dtype):
+    # The codes cannot say NaN (all 2^b are intervals): the gradient used to be the last
+    # level at NaN (and at +-inf for GELU, SiLU, Mish, Softsign), where torch's is NaN.
+    act = get(name)
+    borders, levels = random_table(3, seed=8)
+    x = random_x(67, dtype)
+    g = random_x(67, dtype, seed=9)
+    dt = torch.promote_types(dtype, torch.float32)
+    for value in NON_FINITE:
+        xs = x.clone()
+        xs[AT] = value
+        xr = xs.clone().requires_grad_(True)
+        y, packed = fewbit_forward(xr, name, act.param_list, borders, levels, 3)
+        y.backward(g)
+        nan = _torch_grad(act, xs).isnan()
+        assert bool(packed[-1]) == bool(nan.any())  # the flag byte after the codes
+        assert torch.equal(xr.grad.isnan(), nan), (value, xr.grad[AT])
+        expected = (g.to(dt) * levels.to(dt)[expected_codes(xs, borders)]).to(dtype)
+        assert torch.equal(xr.grad[~nan], expected[~nan])  # the others: g * levels[code]
+
+
+def test_nan_derivative_matches_torch_for_every_activation():
+    # Activation.nan_derivative is a table: check it against torch's autograd, with
+    # parameters of both signs, at the start of a long tensor (torch's vectorised loop).
+    cases = [get(n) for n in SUPPORTED] + [
+        get("softplus", beta=-1.5, threshold=2.0), get("leaky_relu", negative_slope=-0.3),
+        get("elu", alpha=0.5), get("celu", alpha=2.0), get("hardtanh", min_val=-0.7, max_val=0.3),
+    ]
+    x = torch.cat([torch.tensor(NON_FINITE), torch.zeros(61)])
+    for act in cases:
+        expected = _torch_grad(act, x)[:3].isnan()
+        got = act.nan_derivative(x[:3])
+        assert torch.equal(torch.zeros(3, dtype=torch.bool) if got is None else got, expected), act
+
+
+def test_without_the_autograd_wrapper_a_flagged_backward_is_all_nan():
+    # Called directly (as compiled graphs and CUDA do, where finding the elements would
+    # cost a sync or cannot be traced), the flag alone makes every gradient NaN.
+    borders, levels = random_table(2)
+    x = random_x(40, torch.float32)
+    x[5] = math.nan
+    _, packed = fewbit_forward(x, "gelu", [], borders, levels, 2)
+    assert bool(fewbit_backward(torch.ones(40), packed, levels, 2).isnan().all())
+    x[5] = 0.0
+    _, packed = fewbit_forward(x, "gelu", [], borders, levels, 2)
+    assert not bool(fewbit_backward(torch.ones(40), packed, levels, 2).isnan().any())

@@ -9,6 +9,7 @@ import torch
 
 import fewbit_fx.ops  # noqa: F401  (registers the ops)
 from fewbit_fx.activations import SUPPORTED, get
+from fewbit_fx.nn import Inverted
 from fewbit_fx.packing import unpack
 
 inverted_forward = torch.ops.fewbit_fx.inverted_forward
@@ -62,8 +63,8 @@ def test_forward_saves_no_mask_for_monotone(name):
     assert mask.dtype == torch.uint8 and mask.numel() == 0
 
 
-def _op_grad(name: str, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    a = get(name)
+def _op_grad(name: str, x: torch.Tensor, grad: torch.Tensor, **params) -> torch.Tensor:
+    a = get(name, **params)
     y, mask = inverted_forward(x, a.name, a.param_list)
     return inverted_backward(grad, y, mask, a.name, a.param_list)
 
@@ -129,8 +130,7 @@ def test_softplus_gradient_across_its_threshold():
     # sigmoid(beta*x). y alone cannot tell the sides apart in the band
     # (threshold - log1p(exp(-threshold)), threshold) / beta, where f jumps down by
     # log1p(exp(-threshold)) / beta at the threshold; the gradient must still be right there.
-    # KNOWN FAILURE (reported): softplus is registered as monotone with no mask bit, so in
-    # that band Inverted returns 1 where torch's derivative is sigmoid(threshold) ~ 0.9933.
+    # A mask bit (torch's own test beta*x > threshold) tells the sides apart.
     a = get("softplus", beta=2.0, threshold=5.0)
     x = torch.tensor([2.49, 2.4966, 2.498, 2.499, 2.501, 2.51])
     out = inverted_backward(torch.ones(6), *inverted_forward(x, a.name, a.param_list), a.name, a.param_list)
@@ -171,3 +171,116 @@ def test_opcheck_backward(name):
     x = away_from_kinks(random_x(37), name)
     y, mask = inverted_forward(x, name, [])
     torch.library.opcheck(inverted_backward.default, (random_x(x.numel(), seed=9), y, mask, name, []))
+
+
+def _torch_grad(a, x, grad=None):
+    """torch's own autograd gradient of the activation at x."""
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(a.forward(xr), xr, torch.ones_like(x) if grad is None else grad)
+    return g
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("beta, threshold", [(-2.0, 1.0), (-0.5, 0.3), (2.0, 1.0), (1.3, 5.0), (-1.3, 5.0)])
+def test_softplus_mask_is_torchs_linear_side(beta, threshold, dtype):
+    # For beta < 0 torch's linear side beta*x > threshold is x < threshold/beta; the mask
+    # once read x > threshold/beta there (gradient [1, .998, .982, ...] for torch's
+    # [1, 1, 1, 1, .5, .119, ...]). And at the boundary the bit must be torch's own
+    # fp32 product beta*x against threshold, not x against fp32(threshold/beta): for
+    # beta = 1.3, threshold = 5, x = 3.846154 the latter was off by 0.0067.
+    a = get("softplus", beta=beta, threshold=threshold)
+    assert a.needs_mask
+    edge = torch.tensor(threshold / beta, dtype=dtype)
+    near = torch.stack([edge, torch.nextafter(edge, edge + 1), torch.nextafter(edge, edge - 1)])
+    if dtype in (torch.float16, torch.bfloat16):  # nextafter rounds to the dtype's own grid
+        near = torch.cat([near, (edge.float() + torch.tensor([-2e-3, 2e-3])).to(dtype)])
+    x = torch.cat([torch.linspace(-4, 4, 9, dtype=dtype), near, torch.tensor([3.846154], dtype=dtype)])
+    out = _op_grad("softplus", x, torch.ones_like(x), beta=beta, threshold=threshold)
+    expected = _torch_grad(a, x)
+    tol = 1e-6 if dtype in (torch.float32, torch.float64) else 1e-2
+    torch.testing.assert_close(out, expected, rtol=0, atol=tol)
+    linear = (x.to(torch.promote_types(dtype, torch.float32)) * beta) > threshold
+    assert torch.equal(out[linear], torch.ones_like(out[linear]))  # exactly torch's linear side
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("lo, hi", [(-0.7, 0.3), (-1.0, 1.0), (-0.3, 0.7), (0.1, 0.2), (-2.0, 3.0),
+                                    (-0.33, 0.33)])
+def test_hardtanh_half_gradient_is_torchs_for_every_input(lo, hi, dtype):
+    # bf16(-0.7) = -0.69921875 > -0.7: torch clamps to it, but its backward compares the
+    # input against fp32(-0.7), so x = -0.69921875 (gradient 1) and x = -1 (gradient 0)
+    # give the same y. The 1-bit mask (torch's own "strictly inside" test) is kept then.
+    a = get("hardtanh", min_val=lo, max_val=hi)
+    patterns = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)
+    x = patterns[patterns.isfinite() & (patterns.abs() < 4)]  # every value near the bounds
+    y, mask = inverted_forward(x, a.name, a.param_list)
+    assert torch.equal(y, a.forward(x))
+    ends = a.forward(torch.tensor([-math.inf, math.inf], dtype=dtype)).float()
+    inward = bool(ends[0] > torch.tensor(lo)) or bool(ends[1] < torch.tensor(hi))
+    assert (mask.numel() > 0) == inward  # the bit costs only where it is needed
+    g = random_x(x.numel(), dtype, seed=4)
+    assert torch.equal(inverted_backward(g, y, mask, a.name, a.param_list), _torch_grad(a, x, g))
+
+
+def test_hardtanh_keeps_no_mask_where_its_bounds_are_exact():
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        assert not get("hardtanh", min_val=-1.0, max_val=1.0).saves_mask(dtype)
+    assert not get("hardtanh", min_val=-0.7, max_val=0.3).saves_mask(torch.float32)
+    assert get("hardtanh", min_val=-0.7, max_val=0.3).saves_mask(torch.bfloat16)
+
+
+def _all_half_values(dtype: torch.dtype) -> torch.Tensor:
+    patterns = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)
+    return patterns[patterns.isfinite()]
+
+
+@pytest.mark.parametrize("dtype, bound", [(torch.bfloat16, 6.1e-3), (torch.float16, 9.2e-4)], ids=str)
+def test_tanhshrink_half_models_the_eager_forward(dtype, bound):
+    # torch's eager half tanhshrink is x - tanh(x) with tanh(x) rounded to the dtype first
+    # (bf16: y = 0 for every |x| < 0.09). Inverting the single-rounded f misread that by up
+    # to 8.0e-3 (bf16) and 1.3e-3 (fp16). The bound is what y alone allows: over all x
+    # giving the same y, f' spans up to twice it (6.07e-3 bf16, 9.17e-4 fp16).
+    x = _all_half_values(dtype).repeat(2)  # twice: past the chunk size, the chunked path too
+    y, mask = inverted_forward(x, "tanhshrink", [])
+    assert torch.equal(y, torch.nn.functional.tanhshrink(x))
+    out = inverted_backward(torch.ones_like(x, dtype=torch.float32), y, mask, "tanhshrink", [])
+    err = (out.double() - torch.tanh(x.double()) ** 2).abs()
+    assert float(err.max()) <= bound
+    small = inverted_backward(torch.ones(2000), y[:2000], mask, "tanhshrink", [])  # unchunked
+    assert torch.equal(small, out[:2000])
+
+
+def test_tanhshrink_half_under_inductor_models_its_single_rounding():
+    # Inductor computes half tanhshrink in fp32 and rounds once; the compiled backward
+    # assumes that forward (and is then as good as torch's own compiled gradient).
+    x = _all_half_values(torch.bfloat16)
+    exact = torch.tanh(x.double()) ** 2
+    grads = []
+    for module in (torch.nn.Tanhshrink(), Inverted(torch.nn.Tanhshrink())):
+        xr = x.clone().requires_grad_(True)
+        torch.compile(module)(xr).backward(torch.ones_like(x))
+        grads.append(float((xr.grad.double() - exact).abs().max()))
+    torch_err, ours = grads
+    assert ours <= torch_err + 1e-6, grads
+
+
+# torch's gradient at NaN, +inf, -inf; taken where its vectorised loop runs (the start
+# of a long tensor): there ELU and Hardswish give NaN at NaN, their scalar tail a number.
+NON_FINITE = [math.nan, math.inf, -math.inf]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_non_finite_inputs_give_torchs_gradient(name, dtype):
+    # Inverted GELU/SiLU/Mish gave 1 at +inf (torch: NaN), Hardswish NaN at -inf (torch: 0).
+    a = get(name)
+    if name in ("elu", "celu") and not a.monotone:
+        pytest.skip("not invertible")
+    x = torch.cat([torch.tensor(NON_FINITE * 3), random_x(61)]).to(dtype)
+    out = _op_grad(name, x, torch.ones_like(x))[:9]
+    expected = _torch_grad(a, x)[:9]
+    assert torch.equal(out.isnan(), expected.isnan()), (out, expected)
+    finite = ~expected.isnan()
+    # bf16 SELU at -inf: y is the rounded saturation value, f' = 2.9e-4 (its floor).
+    atol = 1e-3 if dtype == torch.bfloat16 else 0
+    torch.testing.assert_close(out[finite], expected[finite], rtol=0, atol=atol)

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import fewbit_fx
-from fewbit_fx.api import measure_step, scalar_loss
+from fewbit_fx.measure import measure_step, scalar_loss
 from fewbit_fx.nn import FewBit, Inverted
 from fewbit_fx.passes.decide import CHECKPOINTED
 from fewbit_fx.passes.plan import RECOMPUTED

@@ -22,7 +22,7 @@ import torch
 
 import fewbit_fx
 from fewbit_fx import models
-from fewbit_fx.api import float_tensors, scalar_loss
+from fewbit_fx.measure import float_tensors, scalar_loss
 from fewbit_fx.nn import FewBit, Inverted
 
 HAS_HF = importlib.util.find_spec("transformers") is not None

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fewbit_fx
-from fewbit_fx.api import scalar_loss
+from fewbit_fx.measure import scalar_loss
 from fewbit_fx.nn import FewBit, Inverted
 
 transformers = pytest.importorskip("transformers")
