@@ -194,9 +194,10 @@ def report(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode: 
            compiled: bool = False, tables: str = "fitted") -> Report:
     """Dry run: what optimize() would do, per site, without touching the model.
 
-    With `measure`, one real forward/backward of the original and of a rewritten copy
-    gives the measured saved bytes (parameters excluded); gradients are not accumulated
-    into the model and buffers and RNG are restored. With `compiled`, the rows compare
+    With `measure`, one real forward/backward of the original and of the rewritten model
+    gives the measured saved bytes (parameters excluded); the rewrite is applied in place
+    for the measurement and taken out again, gradients are not accumulated into the model,
+    and buffers and RNG are restored. With `compiled`, the rows compare
     torch.compile's default with the fewbit backend, read from the partitioned graphs
     (copies of the model are compiled; the model itself is untouched; the backend's
     tables are the N(0, 1) ones). `tables` as in optimize().
@@ -222,25 +223,37 @@ def report(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode: 
         raise ValueError("report() needs example_inputs and/or example_kwargs to run the model "
                          "(or a model that fewbit_fx.optimize has rewritten, to show what it did)")
     args, kwargs = normalise(example_inputs, example_kwargs)
-    done = rewrite.rewritten_modules(model)
-    if done:  # report on the model as it was before optimize, decided afresh
-        model = copy.deepcopy(model)
-        rewrite.undo(model)
+    # In place, then put back: no copy of the model (FSDP refuses deepcopy, and a copy of a
+    # large model is memory the user may not have). An optimized model is measured as it
+    # was before optimize, and its rewrites are restored afterwards.
+    undone = rewrite.undo(model)
+    try:
+        return _dry_run(model, args, kwargs, mode, bits, overrides, measure, tables, len(undone))
+    finally:
+        undone.redo()
+
+
+def _dry_run(model, args, kwargs, mode, bits, overrides, measure, tables, done: int) -> Report:
     p = plan(model, *analysis_copy(args, kwargs), mode, bits, overrides)
-    rewritten = copy.deepcopy(model)
-    applied = rewrite.apply(rewritten, p.planned)
-    fits = _calibrate(rewritten, applied, *analysis_copy(args, kwargs), tables)
-    rep = _report_from(p, applied.failures, fits, tables)
+    checkpointed = any(item.site.checkpointed for item in p.planned)
+    if measure:
+        before = measure_step(model, *analysis_copy(args, kwargs))
+        peak_before = measure_peak(model, *analysis_copy(args, kwargs)) if checkpointed else None
+    applied = rewrite.apply(model, p.planned)
+    try:
+        fits = _calibrate(model, applied, *analysis_copy(args, kwargs), tables)
+        rep = _report_from(p, applied.failures, fits, tables)
+        if measure:
+            rep.measured_before, rep.measured_after = before, measure_step(model, *analysis_copy(args, kwargs))
+            if checkpointed:  # their saving shows at the peak only
+                rep.peak_before = peak_before
+                rep.peak_after = measure_peak(model, *analysis_copy(args, kwargs))
+    finally:
+        rewrite.undo(model)
     if done:
         rep.notes.insert(0, f"this model is already optimized ({done} sites rewritten): the rows "
                             "are what optimize() would decide now for the model as it was before "
                             "(call optimize again to apply them); report(model) shows what was done")
-    if measure:
-        rep.measured_before = measure_step(model, *analysis_copy(args, kwargs))
-        rep.measured_after = measure_step(rewritten, *analysis_copy(args, kwargs))
-        if any(r.checkpointed for r in rep.rows):  # their saving shows at the peak only
-            rep.peak_before = measure_peak(model, *analysis_copy(args, kwargs))
-            rep.peak_after = measure_peak(rewritten, *analysis_copy(args, kwargs))
     return rep
 
 

@@ -116,26 +116,44 @@ def _stage_functional(owner: nn.Module, planned: list[Planned], failures: dict, 
     return staged
 
 
-def undo(model: nn.Module) -> int:
+@dataclass
+class Undone:
+    """What `undo` took out, so `redo` can put exactly those objects back."""
+
+    swaps: list[tuple[nn.Module, str, nn.Module]]                       # parent, name, rewritten
+    methods: list[tuple[nn.Module, str, _Rewritten, dict[str, nn.Module]]]  # owner, name, method, children
+
+    def __len__(self) -> int:
+        return len(self.swaps) + len(self.methods)
+
+    def redo(self) -> None:
+        for parent, name, new in self.swaps:
+            parent._modules[name] = new
+        for owner, name, method, children in self.methods:
+            owner._modules.update(children)
+            owner.__dict__[name] = method
+
+
+def undo(model: nn.Module) -> Undone:
     """Put back what `apply` changed (the original activation modules and methods), so a
-    model can be decided afresh; returns how many rewrites were undone."""
-    count = 0
+    model can be decided afresh or measured as it was; `redo()` reverses it."""
+    done = Undone([], [])
     for _, module in list(model.named_modules(remove_duplicate=False)):
         for name, child in list(module._modules.items()):
             original = getattr(child, _REPLACED, None) if isinstance(child, (FewBit, Inverted)) else None
             if original is not None:
                 module._modules[name] = original
-                count += 1
+                done.swaps.append((module, name, child))
         for name, value in list(vars(module).items()):
             if isinstance(value, _Rewritten):
-                for t in value.targets:
-                    module._modules.pop(t.child, None)
+                children = {t.child: module._modules.pop(t.child) for t in value.targets
+                            if t.child in module._modules}
                 if value.previous is None:
                     del module.__dict__[name]
                 else:
                     module.__dict__[name] = value.previous
-                count += 1
-    return count
+                done.methods.append((module, name, value, children))
+    return done
 
 
 def rewritten_modules(model: nn.Module) -> int:

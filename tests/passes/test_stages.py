@@ -441,7 +441,7 @@ def test_decide_three_outcomes():
     assert "fc2" in inv.reason
     few = decide.decide(GELU_SITE, _saves(), "auto", 3)
     assert few.variant == "fewbit" and few.bits == 3 and few.label == "fewbit-3"
-    assert few.saved_after == 1024 * 3 // 8 + 4 * 8
+    assert few.saved_after == 1024 * 3 // 8 + 1 + 4 * 8  # codes, the non-finite flag byte, levels
     kept = decide.decide(GELU_SITE, _saves(saved_before=0, x_kept_by=["linear in side"]), "auto", 3)
     assert kept.variant == "kept" and kept.saved_after == 0 and "side" in kept.reason
 
