@@ -22,10 +22,10 @@ FACTORY_CONTRACT = ("a module:factory target is a callable taking no arguments t
 
 
 def load_model(spec: str, scale: str):
-    """A model and example inputs from a catalog name (fewbit_fx.models), `hf:<model_type>`
+    """A model and example inputs from a catalog name (fewbit_fx.evidence.models), `hf:<model_type>`
     (any Hugging Face config type, random weights, no download) or `module:factory`
     (FACTORY_CONTRACT)."""
-    from fewbit_fx import models
+    from fewbit_fx.evidence import models
 
     if spec in models.names():
         return models.build(spec, scale)
@@ -173,7 +173,7 @@ def cmd_demo(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # Commands with parsers of their own get their arguments untouched.
-    passthrough = {"bench": "fewbit_fx.bench", "bench-ops": "fewbit_fx.bench_ops"}
+    passthrough = {"bench": "fewbit_fx.evidence.bench", "bench-ops": "fewbit_fx.evidence.ops_bench"}
     if argv and argv[0] in passthrough:
         return importlib.import_module(passthrough[argv[0]]).main(argv[1:])
     p = argparse.ArgumentParser(prog="fewbit-fx", description=__doc__,

@@ -24,7 +24,7 @@ PY
 status=0
 python3 -m pytest tests/kernels tests/test_backend.py tests/ops -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" || status=1
 python3 -m fewbit_fx bench-ops --device cuda --json "$OUT/ops_cuda.json" 2>&1 | tee "$OUT/ops_cuda.txt" || status=1
-python3 -m fewbit_fx.bench memory --scale full --device cuda --out "$OUT" 2>&1 | tail -5 || status=1
-python3 -m fewbit_fx.bench compiled --scale small --out "$OUT" 2>&1 | tail -5 || status=1
+python3 -m fewbit_fx bench memory --scale full --device cuda --out "$OUT" 2>&1 | tail -5 || status=1
+python3 -m fewbit_fx bench compiled --scale small --out "$OUT" 2>&1 | tail -5 || status=1
 echo "gpu checks finished, status $status; results in $OUT"
 exit $status

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from fewbit_fx import bench, cli
+from fewbit_fx import cli
+from fewbit_fx.evidence import bench
 
 
 def test_report_json_for_a_catalog_model(capsys):

@@ -1,4 +1,4 @@
-"""Every catalog model (fewbit_fx.models) at "tiny" scale, eager mode, end to end:
+"""Every catalog model (fewbit_fx.evidence.models) at "tiny" scale, eager mode, end to end:
 
 (a) report(): the measured saving of one training step is at least the per-site estimate;
 (b) optimize() leaves forward outputs bitwise unchanged (auto and exact);
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import fewbit_fx
-from fewbit_fx import models
+from fewbit_fx.evidence import models
 from fewbit_fx.measure import float_tensors, scalar_loss
 from fewbit_fx.nn import FewBit, Inverted
 

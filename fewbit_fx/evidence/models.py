@@ -1,6 +1,6 @@
 """A small catalog of models for tests, the CLI and benchmarks.
 
-    model, args, kwargs = fewbit_fx.models.build("gpt2", scale="tiny")
+    model, args, kwargs = fewbit_fx.evidence.models.build("gpt2", scale="tiny")
     loss = model(*args, **kwargs)...
 
 Every model is built from scratch with random weights (Hugging Face models from their

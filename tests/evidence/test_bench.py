@@ -1,7 +1,7 @@
-"""fewbit_fx.bench: the memory and speed parts run in separate processes and merge."""
+"""fewbit_fx.evidence.bench: the memory and speed parts run in separate processes and merge."""
 import json
 
-from fewbit_fx import bench
+from fewbit_fx.evidence import bench
 
 
 def _summary(memory, speed):

@@ -1,8 +1,8 @@
-"""fewbit_fx.bench_compile_time: cold-cache compile time, one fresh process per figure."""
+"""fewbit_fx.evidence.compile_time: cold-cache compile time, one fresh process per figure."""
 import json
 import subprocess
 
-from fewbit_fx import bench_compile_time
+from fewbit_fx.evidence import compile_time as bench_compile_time
 import pytest
 
 pytestmark = pytest.mark.slow  # subprocesses or training runs

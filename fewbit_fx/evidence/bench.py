@@ -25,52 +25,12 @@ from pathlib import Path
 
 import torch
 
-from fewbit_fx import models
+from fewbit_fx.evidence import models
+from fewbit_fx.evidence.process_peak import peak_of_step as _peak, run_step as _step
 from fewbit_fx.measure import measure_step, scalar_loss
 
 SCALES = {"quick": ("tiny", 3), "full": ("small", 7)}  # model scale, timed repeats
 MODELS = ("gpt2", "bert", "llama", "vit")
-
-
-def _step(model, args, kwargs):
-    loss = scalar_loss(model(*args, **kwargs))
-    loss.backward()
-    return loss
-
-
-def _peak(model, args, kwargs, device: str) -> int:
-    """Peak memory of one step above what was resident before it."""
-    model.zero_grad(set_to_none=True)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        _step(model, args, kwargs)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - start
-    else:
-        start = _rss("VmRSS")
-        _reset_peak_rss()
-        _step(model, args, kwargs)
-        peak = _rss("VmHWM") - start
-    model.zero_grad(set_to_none=True)
-    return peak
-
-
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_peak_rss() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def _budget_backend(budget: float):
@@ -267,40 +227,40 @@ def _sections(scale: str, out: str) -> list[tuple[str, str, list[str], str | Non
     model_scale = SCALES[scale][0]
     return [
         ("memory", "saved bytes and peak memory vs eager, optimize, checkpointing, compile, budget 0.9",
-         py + ["-m", "fewbit_fx.bench", "memory", "--scale", scale, "--out", out, "--parts", "memory"], None),
+         py + ["-m", "fewbit_fx", "bench", "memory", "--scale", scale, "--out", out, "--parts", "memory"], None),
         ("speed", "step time, the same configurations (without the allocator setting of memory)",
-         py + ["-m", "fewbit_fx.bench", "memory", "--scale", scale, "--out", out, "--parts", "speed"], None),
+         py + ["-m", "fewbit_fx", "bench", "memory", "--scale", scale, "--out", out, "--parts", "speed"], None),
         ("tables", "few-bit table error per activation and bits, and fitting time",
-         py + [str(_SCRIPTS / "time_tables.py")], "tables.txt"),
+         py + ["-m", "fewbit_fx.evidence.tables_timing"], "tables.txt"),
         ("tables-plot", "plot of few-bit derivative error against bits",
-         py + ["-m", "fewbit_fx.bench", "tables-plot", "--out", out], None),
+         py + ["-m", "fewbit_fx", "bench", "tables-plot", "--out", out], None),
         ("inverse", "inverted derivative error against the method's floor, per dtype",
          py + [str(_SCRIPTS / "inverse_floor.py")] + (["--n", "200000", "--elements", "1048576"] if quick else []),
          "inverse_floor.txt"),
         ("ops", "op micro-benchmark (ns/element, ratio to the plain activation)",
          py + ["-m", "fewbit_fx", "bench-ops", "--json", f"{out}/ops.json"], "ops.txt"),
         ("real-models", "per-model report: estimated vs measured saved bytes, all modes",
-         py + [str(_SCRIPTS / "real_models_report.py"), model_scale, "--out", out]
+         py + ["-m", "fewbit_fx.evidence.real_models", model_scale, "--out", out]
          + (["--no-plan-timing"] if quick else []), None),
         ("stacks", "optimize() on users' stacks (PEFT, checkpointing, accelerate, decorated forwards): saved bytes, exact-mode gradient error",
-         py + [str(_SCRIPTS / "stacks_report.py"), "--out", out], None),
+         py + ["-m", "fewbit_fx.evidence.stacks", "--out", out], None),
         ("peak", "where a step peaks and how much of the saved-bytes reduction reaches the peak, by depth",
-         py + ["-m", "fewbit_fx.bench", "peak", "--scale", model_scale, "--out", out], None),
+         py + ["-m", "fewbit_fx", "bench", "peak", "--scale", model_scale, "--out", out], None),
         ("compiled", "per-site saved bytes under torch.compile default vs the fewbit backend",
-         py + ["-m", "fewbit_fx.bench", "compiled", "--scale", model_scale, "--out", out], None),
+         py + ["-m", "fewbit_fx", "bench", "compiled", "--scale", model_scale, "--out", out], None),
         ("compile-time", "compile time of the fewbit backend vs torch.compile default, cold caches",
-         py + ["-m", "fewbit_fx.bench", "compile-time", "--scale", model_scale, "--out", out]
+         py + ["-m", "fewbit_fx", "bench", "compile-time", "--scale", model_scale, "--out", out]
          + (["--repeats", "1", "--models", "gpt2", "bert"] if quick else []), None),
         ("anchors", "published figures (few-bit, inverted activations) next to ours, base-size models",
-         py + ["-m", "fewbit_fx.bench", "anchors", "--out", out]
+         py + ["-m", "fewbit_fx", "bench", "anchors", "--out", out]
          + (["--readme", str(_ROOT / "README.md")] if Path(out).resolve() == _ROOT / "reports" else []), None),
         ("convergence", "training loss per variant (exact, inverted, few-bit 1-4), 3 seeds, "
          "byte-level GPT on Python's stdlib sources; adapter fine-tune with frozen base",
-         py + ["-m", "fewbit_fx.convergence", "--scale", scale, "--out", out], None),
+         py + ["-m", "fewbit_fx.evidence.convergence", "--scale", scale, "--out", out], None),
     ]
 
 
-_ROOT = Path(__file__).resolve().parent.parent  # the repository, for an editable install
+_ROOT = Path(__file__).resolve().parents[2]  # the repository, for an editable install
 _SCRIPTS = _ROOT / "scripts"
 
 
@@ -359,10 +319,10 @@ def table_error_plot(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Regenerate reports/: every section, each in its own process, then the index."""
     argv = list(argv or [])
-    from fewbit_fx import bench_anchors, bench_compile_time, bench_peak
+    from fewbit_fx.evidence import anchors, compile_time, peak
 
     sub = {"memory": memory_and_speed, "compiled": compiled_sites, "tables-plot": table_error_plot,
-           "compile-time": bench_compile_time.main, "anchors": bench_anchors.main, "peak": bench_peak.main}
+           "compile-time": compile_time.main, "anchors": anchors.main, "peak": peak.main}
     if argv and argv[0] in sub:
         return sub[argv[0]](argv[1:])
     p = argparse.ArgumentParser(prog="fewbit-fx bench", description=__doc__)
@@ -457,7 +417,7 @@ How things are measured:
 Not measured yet: GPU figures (no GPU was available to the sessions that made these).
 The convergence section at `--scale quick` trains for only 150 steps; `--scale full` trains
 3000 steps per run (33 runs in parallel worker processes, about 25 minutes on this 2-core
-machine). `python -m fewbit_fx.convergence --scale full` refreshes it alone.
+machine). `python -m fewbit_fx.evidence.convergence --scale full` refreshes it alone.
 Three other full runs are kept for comparison. With the N(0, 1) few-bit tables
 (`--tables normal`): `convergence_normal_tables/` (same setup as `convergence.md`; 5 of 12
 adapter few-bit runs diverged) and `convergence_adapter_lr0.003/` (the adapter task at

@@ -11,7 +11,7 @@ batch 8, CPU; at batch 1 the parameters' gradients dominate the peak and hide ac
 Writes reports/anchors.md, summary.json["anchors"], and the table between the
 `<!-- anchors -->` markers in the top-level README.md.
 
-    python -m fewbit_fx.bench anchors
+    python -m fewbit_fx bench anchors
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fewbit_fx import models
+from fewbit_fx.evidence import models
 
 ANCHORS = [  # (source, their model and method, their figure, our model, our mode, adapters)
     ("fewbit library, Novikov et al. ICML 2023", "RoBERTa-base, few-bit GELU 3 bits",
@@ -70,7 +70,7 @@ def _build(name: str, scale: str, batch: int):
 def measure(name: str, mode: str, adapters: bool, scale: str = "base", batch: int = 8) -> dict:
     import fewbit_fx
     from fewbit_fx.measure import measure_step
-    from fewbit_fx.bench import _peak
+    from fewbit_fx.evidence.process_peak import peak_of_step as _peak
 
     model, args, kwargs = _build(name, scale, batch)
     if adapters:

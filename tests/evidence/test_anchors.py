@@ -1,7 +1,7 @@
-"""fewbit_fx.bench_anchors: the comparison with published figures (tiny scale here)."""
+"""fewbit_fx.evidence.anchors: the comparison with published figures (tiny scale here)."""
 import torch
 
-from fewbit_fx import bench_anchors, models
+from fewbit_fx.evidence import anchors as bench_anchors, models
 
 
 def test_adapters_freeze_the_base_and_wrap_the_decoder_linears():

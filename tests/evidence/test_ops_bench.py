@@ -34,4 +34,4 @@ def test_small_run_writes_every_variant(tmp_path):
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                     reason="mallopt is glibc's")
 def test_keep_freed_memory_on_glibc(tmp_path):
-    assert _child(tmp_path, "-c", "from fewbit_fx import bench_ops; print(bench_ops.keep_freed_memory())").strip() == "True"
+    assert _child(tmp_path, "-c", "from fewbit_fx.evidence import ops_bench; print(ops_bench.keep_freed_memory())").strip() == "True"

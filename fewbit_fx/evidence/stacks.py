@@ -2,7 +2,7 @@
 stack: saved bytes of one training step before and after (exact and auto), and the largest
 exact-mode gradient error relative to the largest gradient. CPU, fp32 unless noted, tiny
 random-weight configs. Run: python -m fewbit_fx bench --only stacks
-(or python scripts/stacks_report.py [--out DIR])"""
+(or python -m fewbit_fx.evidence.stacks [--out DIR])"""
 from __future__ import annotations
 
 import copy

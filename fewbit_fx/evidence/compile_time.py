@@ -11,7 +11,7 @@ its reaped children's (every gcc run) is all the compile work: on a shared machi
 time swings by +-15% between identical runs, and CPU time also reports which part grew
 (Python: tracing, lowering, codegen; C++: gcc).
 
-    python -m fewbit_fx.bench compile-time [--models gpt2 bert] [--repeats 5]
+    python -m fewbit_fx bench compile-time [--models gpt2 bert] [--repeats 5]
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from fewbit_fx import models
+from fewbit_fx.evidence import models
 from fewbit_fx.measure import scalar_loss
 
 
@@ -67,7 +67,7 @@ def _cpu_times() -> tuple[float, float]:
 def measure(model_name: str, scale: str, backend: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="fewbit-cold-cache-") as cache:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": cache + "/triton"}
-        cmd = [sys.executable, "-m", "fewbit_fx.bench_compile_time", "--child", model_name, scale, backend]
+        cmd = [sys.executable, "-m", "fewbit_fx.evidence.compile_time", "--child", model_name, scale, backend]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 

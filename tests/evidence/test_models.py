@@ -2,7 +2,7 @@ import importlib.util
 
 import pytest
 
-from fewbit_fx import models
+from fewbit_fx.evidence import models
 
 HAS_HF = importlib.util.find_spec("transformers") is not None
 

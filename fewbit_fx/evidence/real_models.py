@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Dry-run report of every catalog model (fewbit_fx.models) in modes auto/exact/fewbit.
+"""Dry-run report of every catalog model (fewbit_fx.evidence.models) in modes auto/exact/fewbit.
 
-    python scripts/real_models_report.py            # scale "small"
-    python scripts/real_models_report.py tiny --models gpt2 bert --no-plan-timing
+    python -m fewbit_fx.evidence.real_models            # scale "small"
+    python -m fewbit_fx.evidence.real_models tiny --models gpt2 bert --no-plan-timing
 
 For each model and mode, fewbit_fx.report() gives the per-site estimate and the measured
 bytes saved for backward in one real training step (parameters excluded) of the original
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import fewbit_fx
-from fewbit_fx import models
+from fewbit_fx.evidence import models
 from fewbit_fx.api import plan
 from fewbit_fx.measure import scalar_loss
 
@@ -161,7 +161,7 @@ def write_markdown(path: Path, entries: list[dict], timing: dict | None, meta: d
         "",
         f"Scale `{meta['scale']}`, bits {meta['bits']}; torch {meta['torch']}, transformers "
         f"{meta['transformers']}, {meta['machine']}; generated {meta['date']} by "
-        "`scripts/real_models_report.py`.",
+        "`python -m fewbit_fx.evidence.real_models`.",
         "",
         "Estimated: the per-site estimate of the saves analysis (bytes kept for backward "
         "at the activation sites only). Measured: bytes of distinct storages saved for "

@@ -1,6 +1,6 @@
 """Time fitting every few-bit table (all activations, bits 1..8) on one core.
 
-Usage: python scripts/time_tables.py
+Usage: python -m fewbit_fx.evidence.tables_timing
 Prints the total time and rel_rmse = sqrt(mse / E_p[f'^2]) under N(0, 1) per activation and bits.
 """
 import time

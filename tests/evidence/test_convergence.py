@@ -1,7 +1,7 @@
 """The convergence harness runs end to end on a few steps (the study itself is in reports/)."""
 import math
 
-from fewbit_fx import convergence
+from fewbit_fx.evidence import convergence
 import pytest
 
 pytestmark = pytest.mark.slow  # subprocesses or training runs

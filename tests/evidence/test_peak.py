@@ -1,7 +1,7 @@
 """The peak-by-depth section: deepening, and a ratio that reflects the measurement."""
 from torch import nn
 
-from fewbit_fx import bench_peak, models
+from fewbit_fx.evidence import models, peak as bench_peak
 
 
 def test_deepened_copies_blocks_and_leaves_the_original():
