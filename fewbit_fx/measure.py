@@ -52,14 +52,6 @@ def saved_bytes(step: Callable[[], Tensor], exclude: Iterable[Tensor] = ()) -> S
     return record
 
 
-def training_step_saved_bytes(model: torch.nn.Module, loss_fn: Callable[[], Tensor]) -> int:
-    """Saved bytes of one forward+backward of `loss_fn`, excluding `model`'s parameters
-    and buffers. Runs the backward so the step is complete (gradients accumulate)."""
-    record = saved_bytes(loss_fn, exclude=list(model.parameters()) + list(model.buffers()))
-    record.loss.backward()
-    return record.bytes
-
-
 @dataclass
 class AllocatedPeak:
     """Peak of live tensor bytes during a step, as the CPU allocator saw it."""

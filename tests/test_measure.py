@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fewbit_fx.measure import saved_bytes, training_step_saved_bytes
+from fewbit_fx.measure import measure_step, saved_bytes
 from fewbit_fx.nn import FewBit, Inverted
 
 
@@ -51,8 +51,8 @@ def test_training_step_excludes_parameters_and_runs_backward():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Sigmoid(), nn.BatchNorm1d(16), nn.Linear(16, 2))
     x = torch.randn(4, 8)
-    n = training_step_saved_bytes(model, lambda: model(x).sum())
-    assert all(p.grad is not None for p in model.parameters())
+    n = measure_step(model, (x,), {})
+    assert all(p.grad is None for p in model.parameters())  # the step leaves no gradients behind
     # Linear saves x (4*8), sigmoid saves y (4*16); BatchNorm saves its input (= y, shared)
     # plus per-channel statistics; the last Linear saves the BatchNorm output (4*16).
     acts = (4 * 8 + 4 * 16 + 4 * 16) * 4

@@ -133,14 +133,13 @@ def _drop_ratio(row: dict) -> str:
 def write_reports(out: Path, summary: dict) -> None:
     from tabulate import tabulate
 
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "summary.json"
-    merged = json.loads(path.read_text()) if path.exists() else {}  # keep other sections' rows
-    merged.update({k: v for k, v in summary.items() if v or k not in ("memory", "speed")})
+    # The memory and speed parts run in separate processes: an empty part keeps the other's rows.
+    from fewbit_fx.evidence import summary as summary_file
+
+    merged = summary_file.update(out, {k: v for k, v in summary.items() if v or k not in ("memory", "speed")})
     for part in ("memory", "speed"):
         merged.setdefault(part, [])
-    path.write_text(json.dumps(merged, indent=2))
-    summary = merged  # the memory and speed parts run in separate processes
+    summary = merged
     mib = lambda b: f"{b / 2**20:.2f}"
     pct = lambda a, b: f"{100 * (a - b) / b:+.1f}%" if b else "n/a"
     mem = tabulate(

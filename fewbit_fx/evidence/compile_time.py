@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from fewbit_fx.evidence import models
+from fewbit_fx.evidence import models, summary
 from fewbit_fx.measure import scalar_loss
 
 
@@ -114,11 +114,7 @@ def summarise(model: str, scale: str, before: list[dict], after: list[dict]) -> 
 def write(out: Path, rows: list[dict], repeats: int) -> None:
     from tabulate import tabulate
 
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "summary.json"
-    summary = json.loads(path.read_text()) if path.exists() else {}
-    summary["compile_time"] = rows
-    path.write_text(json.dumps(summary, indent=2))
+    summary.update(out, {"compile_time": rows})
     table = tabulate(
         [(r["model"], r["scale"], f"{r['compile_s_before']:.1f}", f"{r['compile_s_after']:.1f}",
           f"{r['ratio']:.2f}", f"{r['cpu_ratio']:.2f}",

@@ -23,6 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fewbit_fx.evidence import summary
+from fewbit_fx.evidence.models import LoRA
+
 SCALES = {  # steps, seeds, layers, width, seq, batch
     "quick": dict(steps=150, seeds=3, layers=2, width=64, seq=64, batch=8),
     "medium": dict(steps=600, seeds=3, layers=2, width=64, seq=64, batch=8),
@@ -62,24 +65,10 @@ def build_gpt(cfg: dict, seed: int):
     return GPT2LMHeadModel(config)
 
 
-class LowRankAdapter(nn.Module):
-    """base(x) + up(down(x)): the base is frozen, only the low-rank pair trains."""
-
-    def __init__(self, base: nn.Module, d_in: int, d_out: int, rank: int = 8):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self.down = nn.Linear(d_in, rank, bias=False)
-        self.up = nn.Linear(rank, d_out, bias=False)
-        nn.init.zeros_(self.up.weight)
-
-    def forward(self, x):
-        return self.base(x) + self.up(self.down(x))
-
-
 def with_adapters(model, cfg: dict):
     model.requires_grad_(False)
     for block in model.transformer.h:
-        block.mlp.c_fc = LowRankAdapter(block.mlp.c_fc, cfg["width"], 4 * cfg["width"])
+        block.mlp.c_fc = LoRA(block.mlp.c_fc, zero_init=True, dims=(cfg["width"], 4 * cfg["width"]))
     return model
 
 
@@ -201,12 +190,8 @@ def _job(task: str, variant: str, seed: int, cfg: dict, tmp: str) -> dict:
 def _write(out: Path, runs: list[dict], scale: str, cfg: dict, corpus_bytes: int | None) -> int:
     """Summary rows into summary.json (other sections' keys kept), markdown and plot."""
     rows = summarize(runs)
-    summary_path = out / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    summary["convergence"] = rows
-    summary["convergence_setup"] = {"scale": scale, **cfg, "data": "Python stdlib .py sources, bytes",
-                                    "corpus_bytes": corpus_bytes}
-    summary_path.write_text(json.dumps(summary, indent=2))
+    summary.update(out, {"convergence": rows, "convergence_setup": {
+        "scale": scale, **cfg, "data": "Python stdlib .py sources, bytes", "corpus_bytes": corpus_bytes}})
     write_markdown(out, rows, scale, cfg, outliers(runs))
     plot(out, runs)
     return 0

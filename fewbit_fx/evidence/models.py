@@ -194,14 +194,20 @@ class Reuse(nn.Module):
         return self.head(self.blocks(x))
 
 
-class LoRALinear(nn.Module):
-    """A frozen Linear plus a trainable low-rank adapter (LoRA)."""
+class LoRA(nn.Module):
+    """base(x) + b(a(x)): a frozen Linear plus a trainable rank-r adapter (LoRA, without
+    4-bit quantization). `zero_init`: b starts at zero, so the adapted model starts as the
+    base (fine-tuning studies)."""
 
-    def __init__(self, d_in: int, d_out: int, rank: int) -> None:
+    def __init__(self, base: nn.Module, rank: int = 8, zero_init: bool = False,
+                 dims: tuple[int, int] | None = None) -> None:
         super().__init__()
-        self.base = nn.Linear(d_in, d_out).requires_grad_(False)
+        d_in, d_out = dims or (base.in_features, base.out_features)  # dims: HF's Conv1D
+        self.base = base.requires_grad_(False)
         self.lora_a = nn.Linear(d_in, rank, bias=False)
         self.lora_b = nn.Linear(rank, d_out, bias=False)
+        if zero_init:
+            nn.init.zeros_(self.lora_b.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.lora_b(self.lora_a(x))
@@ -214,7 +220,7 @@ class Frozen(nn.Module):
 
     def __init__(self, d: int, h: int, rank: int = 4) -> None:
         super().__init__()
-        self.up = LoRALinear(d, h, rank)
+        self.up = LoRA(nn.Linear(d, h), rank)
         self.act = nn.GELU()
         self.down = nn.Linear(h, d).requires_grad_(False)
         self.act2 = nn.SiLU()

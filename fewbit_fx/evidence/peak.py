@@ -20,7 +20,7 @@ from torch import nn
 
 from fewbit_fx.evidence import models
 from fewbit_fx.measure import scalar_loss
-from fewbit_fx.measure import allocated_peak, training_step_saved_bytes
+from fewbit_fx.measure import allocated_peak, measure_step
 
 MODELS = ("bert", "gpt2", "vit")
 CHECKPOINTED_MODELS = ("bert", "gpt2", "vit", "llama")
@@ -55,7 +55,7 @@ def measure(model: nn.Module, args: tuple, kwargs: dict) -> tuple[int, object]:
 
     step()
     model.zero_grad(set_to_none=True)
-    saved = training_step_saved_bytes(model, lambda: scalar_loss(model(*args, **kwargs)))
+    saved = measure_step(model, args, kwargs)
     model.zero_grad(set_to_none=True)
     peak = allocated_peak(step)
     model.zero_grad(set_to_none=True)

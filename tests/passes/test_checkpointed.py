@@ -93,8 +93,11 @@ def test_functional_sites_inside_checkpointed_regions_are_rewritten():
     assert any(isinstance(m, FewBit) and m.activation.name == "silu"
                for m in optimized.blocks[0].children())
     torch.testing.assert_close(optimized(x), model(x), rtol=0, atol=0)
-    for got, want in zip(grads(optimized, x), grads(model, x)):
-        assert got.shape == want.shape and torch.isfinite(got).all()
+    got, want = grads(optimized, x), grads(model, x)
+    err = max(float((g - w).norm() / w.norm()) for g, w in zip(got, want))
+    # few-bit gradients: approximate (so not equal: the rewrite ran in the recomputation
+    # too), but close (3-bit SiLU's derivative error is a few percent)
+    assert 0 < err < 0.3, err
 
 
 def test_the_peak_falls_where_a_rewrite_lowers_it_and_rises_at_most_by_the_mask():
