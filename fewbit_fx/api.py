@@ -19,22 +19,22 @@ from fewbit_fx.reporting import Report, Row
 
 
 @dataclass
-class Plan:
+class Analysis:
     planned: list[Planned]
     mode: str
     bits: int
     unrecognised: list[str]  # activation-like modules that are not sites, with why
 
 
-def plan(model: nn.Module, args: tuple, kwargs: dict, mode: str, bits: int,
-         overrides: dict[str, str] | None) -> Plan:
+def analyse(model: nn.Module, args: tuple, kwargs: dict, mode: str, bits: int,
+           overrides: dict[str, str] | None) -> Analysis:
     """Capture the model once and decide every site (no change to the model)."""
     decide.check_mode(mode)
     check_bits(bits)
     cap = capture.capture(model, args, kwargs)
     planned = plan_graphs(cap.graphs, mode, bits, overrides, links=cap.links)
     _warn_unmatched_overrides(overrides, [p.site.name for p in planned])
-    return Plan(planned, mode, bits,
+    return Analysis(planned, mode, bits,
                 cap.notes + detect.unseen_activation_modules(model, cap.graphs)
                 + detect.unrecognised_activations(cap.graphs, [p.site for p in planned]))
 
@@ -78,7 +78,7 @@ def optimize(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode
         return model
     args, kwargs = normalise(example_inputs, example_kwargs)
     rewrite.undo(model)
-    p = plan(model, *analysis_copy(args, kwargs), mode, bits, overrides)
+    p = analyse(model, *analysis_copy(args, kwargs), mode, bits, overrides)
     applied = rewrite.apply(model, p.planned)
     fits = _calibrate(model, applied, *analysis_copy(args, kwargs), tables)
     model._fewbit_report = _report_from(p, applied.failures, fits, tables)  # noqa: SLF001 - read by report()
@@ -234,7 +234,7 @@ def report(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode: 
 
 
 def _dry_run(model, args, kwargs, mode, bits, overrides, measure, tables, done: int) -> Report:
-    p = plan(model, *analysis_copy(args, kwargs), mode, bits, overrides)
+    p = analyse(model, *analysis_copy(args, kwargs), mode, bits, overrides)
     checkpointed = any(item.site.checkpointed for item in p.planned)
     if measure:
         before = measure_step(model, *analysis_copy(args, kwargs))
@@ -270,7 +270,7 @@ def _with_staleness(model: nn.Module, rep: Report) -> Report:
     return rep
 
 
-def _report_from(p: Plan, failures: dict[tuple, str], fits: dict | None, tables: str) -> Report:
+def _report_from(p: Analysis, failures: dict[tuple, str], fits: dict | None, tables: str) -> Report:
     rows = []
     for item in p.planned:
         s, d, before = item.site, item.decision, item.saves.saved_before
@@ -299,7 +299,7 @@ def _checkpoint_notes(rows: list[Row]) -> list[str]:
             "(the measured peak line)"]
 
 
-def _table_notes(p: Plan, fits: dict | None, tables: str) -> list[str]:
+def _table_notes(p: Analysis, fits: dict | None, tables: str) -> list[str]:
     if not any(item.decision.variant == "fewbit" for item in p.planned):
         return []
     if tables == "normal":

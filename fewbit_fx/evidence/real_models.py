@@ -7,7 +7,7 @@
 For each model and mode, fewbit_fx.report() gives the per-site estimate and the measured
 bytes saved for backward in one real training step (parameters excluded) of the original
 and of a rewritten copy. Writes reports/real_models.md and reports/real_models.json.
-It also times the analysis (capture + saves + decisions, fewbit_fx.api.plan) of GPT-2 at
+It also times the analysis (capture + saves + decisions, fewbit_fx.api.analyse) of GPT-2 at
 "base" scale (the real GPT-2 small size: 12 x 768, vocab 50257, sequence 128).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 
 import fewbit_fx
 from fewbit_fx.evidence import models
-from fewbit_fx.api import plan
+from fewbit_fx.api import analyse
 from fewbit_fx.measure import scalar_loss
 
 MODES = ("auto", "exact", "fewbit")
@@ -131,7 +131,7 @@ def time_plan(name: str = "gpt2", scale: str = "base", repeats: int = 2) -> dict
     times, cpu = [], []
     for _ in range(repeats):
         t, c = time.perf_counter(), time.process_time()
-        p = plan(model, args, kwargs, "auto", 3, None)
+        p = analyse(model, args, kwargs, "auto", 3, None)
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
     t = time.perf_counter()
@@ -199,7 +199,7 @@ def write_markdown(path: Path, entries: list[dict], timing: dict | None, meta: d
             f"GPT-2 at `base` scale: {timing['parameters'] / 1e6:.1f}M parameters, inputs "
             f"{timing['inputs']}, {timing['sites']} sites ({', '.join(timing['variants'])}).",
             "",
-            f"- analysis (`fewbit_fx.api.plan`: Dynamo capture + saves + decisions), per run: "
+            f"- analysis (`fewbit_fx.api.analyse`: Dynamo capture + saves + decisions), per run: "
             f"{', '.join(f'{s:.2f} s' for s in timing['plan_seconds'])} wall "
             f"({', '.join(f'{s:.2f} s' for s in timing['plan_cpu_seconds'])} process CPU time; "
             f"{timing['cpu_count']} CPUs, 1-min load average {timing['load_average_1min']} "

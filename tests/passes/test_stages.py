@@ -12,7 +12,7 @@ from torch import nn
 
 import fewbit_fx
 from fewbit_fx import activations
-from fewbit_fx.api import plan
+from fewbit_fx.api import analyse as plan
 from fewbit_fx.nn import FewBit, Inverted
 from fewbit_fx.passes import capture, decide, detect, rewrite, saves
 from fewbit_fx.passes.capture import CaptureError
