@@ -36,8 +36,8 @@ def implementation_hash() -> str:
     from torch._inductor.custom_graph_pass import get_hash_for_files
 
     root = Path(__file__).parent
-    files = sorted(str(p) for p in [*root.glob("ops/*.py"), root / "packing.py",
-                                    root / "inverse.py", root / "activations.py", root / "tables.py"])
+    files = sorted(str(p) for p in [*root.glob("ops/*.py"), *root.glob("activations/*.py"),
+                                    root / "packing.py", root / "inverse.py", root / "tables.py"])
     return get_hash_for_files(tuple(files)).hex()
 
 

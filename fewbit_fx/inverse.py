@@ -1,8 +1,9 @@
 """f'(x) from the output y = f(x) for activations with no closed-form inverse.
 
 Inverted activations (Novikov & Oseledets 2024) save y instead of x; backward needs f'(x).
-For gelu, gelu_tanh, silu, mish and tanhshrink, x is recovered numerically. Non-monotone
-ones also get the 1-bit branch mask right = (x > x_min).
+For the registry entries with a `Numerical` inverse (gelu, gelu_tanh, silu, mish and
+tanhshrink), x is recovered numerically from their explicit f and f'. Non-monotone ones
+also get the 1-bit branch mask right = (x > x_min).
 
 Method. x and f'(x) are tabulated once, in float64, as functions of a coordinate c in
 which they are smooth on the whole branch, then read back as piecewise polynomials in c
@@ -35,12 +36,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from fewbit_fx.activations import Activation, get
+from fewbit_fx.activations import SPECS, Activation, Numerical, get
 
-_SQRT1_2 = math.sqrt(0.5)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_K = math.sqrt(2.0 / math.pi)
-_C = 0.044715
 
 class _Grid(NamedTuple):
     step: float   # interval width in c
@@ -53,97 +50,11 @@ _TINY = 1e-38           # left branch: |y| below this reads as this (f' < 1e-36 
 _X_CAP = 1e4            # |x| cap: keeps inf inputs finite; f' is flat long before it
 
 
-# --- explicit f and f' (no autograd), stable in both tails ---------------------------------
-def _sigmoid_pair(a: Tensor) -> tuple[Tensor, Tensor]:
-    """(sigmoid(a), sigmoid(-a)) with no 1 - p cancellation and one exp."""
-    e = torch.exp(-a.abs())
-    r = 1.0 / (1.0 + e)
-    pos = a >= 0
-    return torch.where(pos, r, e * r), torch.where(pos, e * r, r)
-
-
-def _gelu(x: Tensor) -> Tensor:
-    return 0.5 * x * torch.erfc(-x * _SQRT1_2)  # erfc: relative accuracy in the left tail
-
-
-def _gelu_slope(x: Tensor) -> Tensor:
-    # erf, not erfc: same absolute accuracy, and Inductor's CPU erfc is 4x slower
-    return 0.5 + 0.5 * torch.erf(x * _SQRT1_2) + _INV_SQRT_2PI * x * torch.exp(-0.5 * x * x)
-
-
-def _tanh_gate(x: Tensor) -> tuple[Tensor, Tensor]:
-    # 0.5 * (1 + tanh(z)) = sigmoid(2z): no cancellation when x << 0.
-    return _sigmoid_pair(2.0 * _K * (x + _C * x * x * x))
-
-
-def _gelu_tanh(x: Tensor) -> Tensor:
-    return x * _tanh_gate(x)[0]
-
-
-def _gelu_tanh_slope(x: Tensor) -> Tensor:
-    p, q = _tanh_gate(x)
-    return p + 2.0 * _K * x * p * q * (1.0 + 3.0 * _C * x * x)
-
-
-def _silu(x: Tensor) -> Tensor:
-    return x * _sigmoid_pair(x)[0]
-
-
-def _silu_slope(x: Tensor) -> Tensor:
-    p, q = _sigmoid_pair(x)
-    return p * (1.0 + x * q)
-
-
-def _mish_parts(x: Tensor) -> tuple[Tensor, Tensor]:
-    """tanh(softplus(x)) and its 1 - tanh^2, as rational functions of e = exp(-|x|)."""
-    e = torch.exp(-x.abs())
-    n = e * (e + 2.0)                   # x <= 0: tanh = n / (n + 2)
-    d = 1.0 + 2.0 * e + 2.0 * e * e     # x > 0:  tanh = (1 + 2e) / d
-    neg = x <= 0
-    t = torch.where(neg, n / (n + 2.0), (1.0 + 2.0 * e) / d)
-    sech2 = torch.where(neg, 4.0 * (n + 1.0) / ((n + 2.0) * (n + 2.0)), 4.0 * (e * (1.0 + e) / d) ** 2)
-    return t, sech2
-
-
-def _mish(x: Tensor) -> Tensor:
-    return x * _mish_parts(x)[0]
-
-
-def _mish_slope(x: Tensor) -> Tensor:
-    t, sech2 = _mish_parts(x)
-    return t + x * sech2 * _sigmoid_pair(x)[0]
-
-
-def _tanhshrink(x: Tensor) -> Tensor:
-    x2 = x * x  # x - tanh(x) cancels for small x: use its series there
-    series = x * x2 * (1 / 3 + x2 * (-2 / 15 + x2 * (17 / 315 + x2 * (-62 / 2835))))
-    return torch.where(x.abs() < 1e-2, series, x - torch.tanh(x))
-
-
-def _tanhshrink_slope(x: Tensor) -> Tensor:
-    return torch.tanh(x) ** 2
-
-
-class _Formulas(NamedTuple):
-    f: Callable[[Tensor], Tensor]
-    slope: Callable[[Tensor], Tensor]
-    x_end: float  # past it f(x) = x (+ const) and f'(x) = 1 to float64 precision
-
-
-_FORMULAS: dict[str, _Formulas] = {
-    "gelu": _Formulas(_gelu, _gelu_slope, 8.5),
-    "gelu_tanh": _Formulas(_gelu_tanh, _gelu_tanh_slope, 8.0),
-    "silu": _Formulas(_silu, _silu_slope, 40.0),
-    "mish": _Formulas(_mish, _mish_slope, 20.0),
-    "tanhshrink": _Formulas(_tanhshrink, _tanhshrink_slope, 20.0),
+# The explicit float64 f and f' of each entry with a Numerical inverse (activations.formulas).
+_FORMULAS: dict[str, Numerical] = {
+    name: spec.inverse for name, spec in SPECS.items() if isinstance(spec.inverse, Numerical)
 }
 SUPPORTED: tuple[str, ...] = tuple(_FORMULAS)
-
-
-def value_and_derivative(act: Activation, x: Tensor) -> tuple[Tensor, Tensor]:
-    """(f(x), f'(x)) from explicit formulas, in x's dtype."""
-    fm = _FORMULAS[act.name]
-    return fm.f(x), fm.slope(x)
 
 
 # --- tables -------------------------------------------------------------------------------
@@ -227,7 +138,8 @@ def _fit_branch(x_of_c: Callable[[Tensor], Tensor], slope, c_end: float) -> tupl
 
 
 def _build(name: str) -> _Inverse:
-    f, slope, x_end = _FORMULAS[name]
+    fm = _FORMULAS[name]
+    f, slope, x_end = fm.f, fm.slope, fm.x_end
     one = torch.ones((), dtype=torch.float64)
     if get(name).monotone:  # tanhshrink: odd, increasing; c = (3y)^(1/3) on y >= 0
         c_right = (3.0 * f(x_end * one).item()) ** (1 / 3)
@@ -384,53 +296,4 @@ def _tanhshrink_half_table(dtype: torch.dtype, rounded_tanh: bool) -> tuple[floa
         return tuple(table.float().tolist())
 
 
-# --- measurement -----------------------------------------------------------------------------
-def floor_and_error(
-    act: Activation, dtype: torch.dtype, n: int = 2_000_000, seed: int = 0,
-    out_dtype: torch.dtype | None = None,
-) -> dict:
-    """Max |f'| error of derivative_from_output against the rounding floor of dtype.
-
-    x: n samples of N(0, 2^2), dense sweeps around x_min (0 for tanhshrink) and log-spaced
-    tails, all rounded to dtype. y = f(x) in float64 rounded to dtype; x* = exact float64
-    inverse of that y on x's branch (bisection). floor = max |f'(x*) - f'(x)|: what any
-    method given only the rounded y must lose. error = max |ours(y) - f'(x)|; error_far
-    the same where |x - x_min| > 0.05. out_dtype is passed on as derivative_from_output's
-    dtype (default: dtype, whose rounding of f' then counts in the error).
-    """
-    x, y, right, exact, floor = _reference(act.name, dtype, n, seed)
-    err = (derivative_from_output(act, y, right, out_dtype).double() - exact).abs()
-    far = (x - (_INVERSES[act.name].x_min or 0.0)).abs() > 0.05
-    return dict(floor=floor, error=err.max().item(), error_far=err[far].max().item())
-
-
-@functools.lru_cache(maxsize=2)
-def _reference(name: str, dtype: torch.dtype, n: int, seed: int):
-    """Samples, rounded y, branch, exact f'(x) and the floor (the slow bisection part)."""
-    f, slope, _ = _FORMULAS[name]
-    x_min = _INVERSES[name].x_min
-    center = x_min if x_min is not None else 0.0
-    gen = torch.Generator().manual_seed(seed)
-    m = max(n // 20, 1000)
-    tail = torch.logspace(-3, 2, m, dtype=torch.float64)
-    parts = [2.0 * torch.randn(n, generator=gen, dtype=torch.float64), tail, -tail,
-             torch.tensor([1e3, -1e3, 6e4, -6e4], dtype=torch.float64)]
-    parts += [center + torch.linspace(-w, w, m, dtype=torch.float64) for w in (1e-4, 1e-3, 1e-2, 0.1)]
-    x = torch.cat(parts).to(dtype).double()
-    y = f(x).to(dtype)
-    if x_min is None:
-        right = None
-        lo, hi = torch.full_like(x, -1e5), torch.full_like(x, 1e5)
-        decreasing = torch.zeros_like(x, dtype=torch.bool)
-    else:
-        right = x > x_min
-        lo = torch.full_like(x, x_min).masked_fill(~right, -1e5)
-        hi = torch.full_like(x, x_min).masked_fill(right, 1e5)
-        decreasing = ~right
-    exact = slope(x)
-    x_star = bisect(f, y.double(), lo, hi, decreasing)
-    return x, y, right, exact, (slope(x_star) - exact).abs().max().item()
-
-
-__all__ = ["SUPPORTED", "bisect", "derivative_from_output", "floor_and_error", "tanhshrink_half_derivative",
-           "value_and_derivative"]
+__all__ = ["SUPPORTED", "bisect", "derivative_from_output", "tanhshrink_half_derivative"]

@@ -12,7 +12,6 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from fewbit_fx import activations
@@ -22,49 +21,24 @@ from fewbit_fx.passes.capture import (
 )
 from fewbit_fx.passes.source_rewrite import CallSite, call_site
 
-# target -> (registry name, names of the positional arguments after the input)
-_FUNCTIONS: dict[object, tuple[str, tuple[str, ...]]] = {
-    F.gelu: ("gelu", ("approximate",)),
-    F.silu: ("silu", ("inplace",)),
-    F.mish: ("mish", ("inplace",)),
-    torch.sigmoid: ("sigmoid", ()),
-    F.sigmoid: ("sigmoid", ()),
-    torch.sigmoid_: ("sigmoid", ()),
-    torch.tanh: ("tanh", ()),
-    F.tanh: ("tanh", ()),
-    torch.tanh_: ("tanh", ()),
-    F.softplus: ("softplus", ("beta", "threshold")),
-    F.elu: ("elu", ("alpha", "inplace")),
-    F.elu_: ("elu", ("alpha",)),
-    torch.selu: ("selu", ()),
-    F.selu: ("selu", ("inplace",)),
-    F.celu: ("celu", ("alpha", "inplace")),
-    F.leaky_relu: ("leaky_relu", ("negative_slope", "inplace")),
-    F.relu: ("relu", ("inplace",)),
-    torch.relu: ("relu", ()),
-    torch.relu_: ("relu", ()),
-    F.relu_: ("relu", ()),
-    F.relu6: ("relu6", ("inplace",)),
-    F.hardtanh: ("hardtanh", ("min_val", "max_val", "inplace")),
-    F.hardsigmoid: ("hardsigmoid", ("inplace",)),
-    F.hardswish: ("hardswish", ("inplace",)),
-    F.logsigmoid: ("logsigmoid", ()),
-    F.softsign: ("softsign", ()),
-    F.tanhshrink: ("tanhshrink", ()),
-}
-_METHODS: dict[str, str] = {
-    "sigmoid": "sigmoid", "sigmoid_": "sigmoid", "tanh": "tanh", "tanh_": "tanh",
-    "relu": "relu", "relu_": "relu",
-}
-_INPLACE_TARGETS = {torch.sigmoid_, torch.tanh_, F.elu_, torch.relu_, F.relu_}
 
-# Hugging Face module classes whose forward is several ops; by class name (no import).
-_FORMULA_CLASSES = {
-    "NewGELUActivation": "gelu_tanh_formula",
-    "FastGELUActivation": "gelu_fast_formula",
-    "QuickGELUActivation": "quick_gelu",
-    "GELUActivation": "gelu_erf_formula",  # multi-node only when use_gelu_python=True
-}
+def _calls() -> tuple[dict, dict, set, dict]:
+    """What detect matches, from the registry: functional targets -> (registry name,
+    names of the positional arguments after the input), method names -> registry name,
+    the targets and methods that write into their input, and the Hugging Face formula
+    classes (several nodes per call) -> registry name."""
+    functions, methods, inplace, formulas = {}, {}, set(), {}
+    for name, spec in activations.SPECS.items():
+        functions.update({t: (name, args) for t, args in spec.functions.items()})
+        functions.update({t: (name, args) for t, args in spec.inplace_functions.items()})
+        methods.update({m: name for m in spec.methods + spec.inplace_methods})
+        inplace.update(spec.inplace_functions, spec.inplace_methods)
+        if spec.formula:
+            formulas.update({cls: name for cls in spec.hf_classes})
+    return functions, methods, inplace, formulas
+
+
+_FUNCTIONS, _METHODS, _INPLACE, _FORMULA_CLASSES = _calls()
 
 
 @dataclass
@@ -121,15 +95,16 @@ def activation_of_call(target, args, kwargs, method: bool = False) -> tuple[Acti
         name, arg_names = _FUNCTIONS[target]
         named = dict(zip(arg_names, args[1:]))
         named.update(kwargs)
-        inplace = bool(named.pop("inplace", False)) or target in _INPLACE_TARGETS
+        inplace = bool(named.pop("inplace", False)) or target in _INPLACE
     elif method and target in _METHODS:
         name, named = _METHODS[target], dict(kwargs)
-        inplace = target.endswith("_")
+        inplace = target in _INPLACE
     else:
         return None
-    if name == "gelu" and named.pop("approximate", "none") == "tanh":
-        name = "gelu_tanh"
-    named.pop("approximate", None)
+    for arg, choices in activations.SPECS[name].variants.items():  # gelu's approximate="tanh"
+        choice = named.pop(arg, None)
+        if isinstance(choice, str) and choice in choices:
+            name = choices[choice]
     try:
         return activations.get(name, **named), inplace
     except TypeError:
@@ -216,12 +191,9 @@ def _activation_module_class(cls: type, n_nodes: int) -> str | None:
     """Registry name for an activation module class (formula classes by name)."""
     if cls.__module__.startswith("transformers") and cls.__name__ in _FORMULA_CLASSES:
         return _FORMULA_CLASSES[cls.__name__] if n_nodes > 1 else "single-op"
-    if cls.__module__.startswith("transformers") and cls.__name__ in activations._HF_CLASSES:
+    if cls.__module__.startswith("transformers") and cls.__name__ in activations.HF_CLASSES:
         return "single-op"
-    for spec in activations._SPECS.values():
-        if cls in spec.modules:
-            return "single-op"
-    return None
+    return "single-op" if cls in activations.MODULE_CLASSES else None
 
 
 def _is_tensor_node(arg) -> bool:

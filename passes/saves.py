@@ -57,7 +57,6 @@ _SAVE_RESULT_FUNCS = {  # keep their output only
     torch.log_softmax, F.log_softmax, torch.special.expit,
 }
 _SAVE_RESULT_METHODS = {"exp", "sqrt", "rsqrt", "reciprocal", "softmax", "log_softmax"}
-_RESULT_SAVING_ACTIVATIONS = {"sigmoid", "tanh", "relu"}
 _MATMULS = {
     torch.mm, torch.bmm, torch.matmul, operator.matmul, torch.Tensor.matmul,
 }
@@ -139,8 +138,8 @@ def saved_inputs(node: fx.Node) -> tuple[list[fx.Node], bool]:
         return [args[0]] if isinstance(args[0], fx.Node) else [], True
     found = activation_of_node(node)
     if found is not None:
-        act, inplace = found
-        keeps_result = act.name in _RESULT_SAVING_ACTIVATIONS or (inplace and act.name in ("elu", "celu", "selu"))
+        act, inplace = found  # what torch's backward keeps: the registry says
+        keeps_result = act.spec.saves_result or (inplace and act.spec.saves_result_inplace)
         return ([node] if keeps_result else [args[0]]), True
     return tensors, False  # unknown: assume it keeps every tensor input
 

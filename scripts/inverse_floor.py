@@ -11,12 +11,13 @@ from x (aten.*_backward with grad = 1, one kernel), which the inverted method re
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
 
-from fewbit_fx.activations import get
-from fewbit_fx.inverse import SUPPORTED, derivative_from_output, floor_and_error
+from fewbit_fx.activations import Activation, get
+from fewbit_fx.inverse import SUPPORTED, bisect, derivative_from_output
 
 _PLAIN = {  # torch's backward from the input x
     "gelu": lambda g, x: torch.ops.aten.gelu_backward(g, x),
@@ -25,6 +26,62 @@ _PLAIN = {  # torch's backward from the input x
     "mish": lambda g, x: torch.ops.aten.mish_backward(g, x),
     "tanhshrink": lambda g, x: g * torch.tanh(x) ** 2,  # autograd's formula
 }
+
+
+def floor_and_error(
+    act: Activation, dtype: torch.dtype, n: int = 2_000_000, seed: int = 0,
+    out_dtype: torch.dtype | None = None,
+) -> dict:
+    """Max |f'| error of derivative_from_output against the rounding floor of dtype.
+
+    x: n samples of N(0, 2^2), dense sweeps around x_min (0 for tanhshrink) and log-spaced
+    tails, all rounded to dtype. y = f(x) in float64 rounded to dtype; x* = exact float64
+    inverse of that y on x's branch (bisection). floor = max |f'(x*) - f'(x)|: what any
+    method given only the rounded y must lose. error = max |ours(y) - f'(x)|; error_far
+    the same where |x - x_min| > 0.05. out_dtype is passed on as derivative_from_output's
+    dtype (default: dtype, whose rounding of f' then counts in the error).
+    """
+    x, y, right, exact, floor = _reference(act.name, dtype, n, seed)
+    err = (derivative_from_output(act, y, right, out_dtype).double() - exact).abs()
+    far = (x - (_x_min(act.name) or 0.0)).abs() > 0.05
+    return dict(floor=floor, error=err.max().item(), error_far=err[far].max().item())
+
+
+def _x_min(name: str) -> float | None:
+    """The minimum to the last bit (f' = 0), as fewbit_fx.inverse finds it for its tables."""
+    if get(name).monotone:
+        return None
+    one = torch.ones((), dtype=torch.float64)
+    return bisect(get(name).spec.inverse.slope, 0 * one, -6 * one, 0 * one, one < 0).item()
+
+
+@functools.lru_cache(maxsize=2)
+def _reference(name: str, dtype: torch.dtype, n: int, seed: int):
+    """Samples, rounded y, branch, exact f'(x) and the floor (the slow bisection part)."""
+    numerical = get(name).spec.inverse  # the registry's explicit float64 f and f'
+    f, slope = numerical.f, numerical.slope
+    x_min = _x_min(name)
+    center = x_min if x_min is not None else 0.0
+    gen = torch.Generator().manual_seed(seed)
+    m = max(n // 20, 1000)
+    tail = torch.logspace(-3, 2, m, dtype=torch.float64)
+    parts = [2.0 * torch.randn(n, generator=gen, dtype=torch.float64), tail, -tail,
+             torch.tensor([1e3, -1e3, 6e4, -6e4], dtype=torch.float64)]
+    parts += [center + torch.linspace(-w, w, m, dtype=torch.float64) for w in (1e-4, 1e-3, 1e-2, 0.1)]
+    x = torch.cat(parts).to(dtype).double()
+    y = f(x).to(dtype)
+    if x_min is None:
+        right = None
+        lo, hi = torch.full_like(x, -1e5), torch.full_like(x, 1e5)
+        decreasing = torch.zeros_like(x, dtype=torch.bool)
+    else:
+        right = x > x_min
+        lo = torch.full_like(x, x_min).masked_fill(~right, -1e5)
+        hi = torch.full_like(x, x_min).masked_fill(right, 1e5)
+        decreasing = ~right
+    exact = slope(x)
+    x_star = bisect(f, y.double(), lo, hi, decreasing)
+    return x, y, right, exact, (slope(x_star) - exact).abs().max().item()
 
 
 def _ns_per_element(fn, *args, repeat: int = 7) -> float:

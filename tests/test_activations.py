@@ -1,15 +1,20 @@
-"""The activation registry (fewbit_fx.activations): lookups, module mapping, and the math
-each entry claims (exact forward, derivative, monotonicity, minimum, twins)."""
+"""The activation registry (fewbit_fx.activations): lookups, module mapping, the math
+each entry claims (exact forward, derivative, monotonicity, minimum, twins), and that the
+tables detect, saves, inverse and the kernels derive from it cover every entry."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
-from fewbit_fx.activations import SUPPORTED, Activation, from_module, get
+from fewbit_fx.activations import (
+    HF_CLASSES, SPECS, SUPPORTED, Activation, ClosedForm, Numerical, Spec, Twin, from_module, get,
+)
+from fewbit_fx.passes import detect, saves
 
 try:
     import transformers.activations as hf
@@ -283,3 +288,188 @@ def test_selu_constants():
     alpha, scale = 1.6732632423543772, 1.0507009873554805
     assert float(a.forward(x)) == pytest.approx(scale * alpha * (math.exp(-1) - 1), rel=1e-15)
     assert torch.equal(a.forward(x), F.selu(x))
+
+
+# --- the registry is the only source: every derived table covers every entry -------------
+# detect, saves, inverse and the kernels build their tables from activations.SPECS; these
+# tests fail for an entry that is only half declared (one nobody can call, a target that
+# computes something else, a wrong claim about what torch keeps, a missing inverse or
+# kernel branch). The math of each entry is checked above and, over SUPPORTED, in
+# tests/ops (inverted and few-bit gradients) and tests/kernels.
+# torch's in-place leaky_relu_ keeps its result, but saves.py has always modelled it as
+# keeping the input (harmless: in place, x and y are one storage). Kept as it was.
+TORCH_KEEPS_RESULT_IN_PLACE_UNMODELLED = {"leaky_relu"}
+
+
+def _x(dtype=torch.float64):
+    return torch.cat([_inputs(dtype), torch.tensor([0.0, -3.0, 3.0, 6.0, -1.5], dtype=dtype)])
+
+
+def _variants_of(name):
+    """(argument, value, entry) for each other entry that an argument value selects."""
+    spec = SPECS[name]
+    return [(arg, value, other) for arg, choices in spec.variants.items() for value, other in choices.items()]
+
+
+def _all_calls(spec):
+    return [*spec.functions, *spec.inplace_functions, *spec.methods, *spec.inplace_methods]
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_every_entry_can_be_found(name):
+    """Reachable from a call, a method, a module or a Hugging Face class (or as another
+    entry's variant), else detect never finds it."""
+    spec = SPECS[name]
+    as_variant = {other for s in SPECS.values() for choices in s.variants.values() for other in choices.values()}
+    assert _all_calls(spec) or spec.modules or spec.hf_classes or name in as_variant, name
+    for target in spec.functions:
+        assert detect._FUNCTIONS[target][0] == name and target not in detect._INPLACE
+    for target in spec.inplace_functions:
+        assert detect._FUNCTIONS[target][0] == name and target in detect._INPLACE
+    for m in spec.methods + spec.inplace_methods:
+        assert detect._METHODS[m] == name and (m in detect._INPLACE) == (m in spec.inplace_methods)
+    for cls in spec.hf_classes:
+        fake = type(cls, (nn.Module,), {"__module__": "transformers.activations"})
+        assert detect._activation_module_class(fake, 1) is not None
+        if spec.formula:  # several nodes in the module: one formula site
+            assert detect._FORMULA_CLASSES[cls] == name and detect._activation_module_class(fake, 3) == name
+    for cls in spec.modules:
+        assert detect._activation_module_class(cls, 1) is not None
+
+
+def test_no_call_or_module_is_claimed_twice():
+    calls = [c for s in SPECS.values() for c in _all_calls(s)]
+    modules = [c for s in SPECS.values() for c in s.modules]
+    assert len(calls) == len(set(calls)) and len(modules) == len(set(modules))
+    accept_all = next(f.default for f in dataclasses.fields(Spec) if f.name == "hf_accepts")
+    for cls, names in HF_CLASSES.items():
+        if len(names) > 1:  # entries sharing a class must tell its instances apart
+            assert all(SPECS[n].hf_accepts is not accept_all for n in names), cls
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_calls_compute_the_entry_bit_for_bit(name):
+    """Each target detect matches, called as a model would, is the entry's forward, and
+    detect reads its parameters from the declared argument positions."""
+    spec, x = SPECS[name], _x()
+    values = [0.5 * v + 0.25 for _, v in spec.params]  # not the defaults: positions matter
+    for target, arg_names in spec.functions.items():
+        assert set(arg_names) <= set(spec.param_names) | set(spec.variants) | {"inplace"}, target
+        positional = values[:len([a for a in arg_names if a in spec.param_names])]
+        expected = get(name, **dict(zip(spec.param_names, positional)))
+        assert detect.activation_of_call(target, (x, *positional), {}) == (expected, False)
+        assert torch.equal(target(x, *positional), expected.forward(x)), target
+        if "inplace" in arg_names:
+            assert detect.activation_of_call(target, (x,), {"inplace": True}) == (get(name), True)
+            xi = x.clone()
+            assert torch.equal(target(xi, inplace=True), get(name).forward(x)) and torch.equal(xi, get(name).forward(x))
+    for target in spec.inplace_functions:
+        xi = x.clone()
+        assert detect.activation_of_call(target, (xi,), {}) == (get(name), True)
+        target(xi)
+        assert torch.equal(xi, get(name).forward(x)), target
+    for m in spec.methods:
+        assert detect.activation_of_call(m, (x,), {}, method=True) == (get(name), False)
+        assert torch.equal(getattr(x, m)(), get(name).forward(x)), m
+    for m in spec.inplace_methods:
+        xi = x.clone()
+        assert detect.activation_of_call(m, (xi,), {}, method=True) == (get(name), True)
+        getattr(xi, m)()
+        assert torch.equal(xi, get(name).forward(x)), m
+    for arg, value, other in _variants_of(name):
+        for target in spec.functions:
+            assert detect.activation_of_call(target, (x,), {arg: value}) == (get(other), False)
+            assert torch.equal(target(x, **{arg: value}), get(other).forward(x))
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_modules_are_the_entry_with_its_defaults(name):
+    """A default-constructed module is the entry with its declared defaults (the defaults
+    are torch's), bit for bit; variants via the module's attribute."""
+    spec, x = SPECS[name], _x()
+    for cls in spec.modules:
+        assert from_module(cls()) == get(name), cls
+        assert torch.equal(cls()(x), get(name).forward(x))
+        for arg, value, other in _variants_of(name):
+            assert from_module(cls(**{arg: value})) == get(other)
+
+
+def _torch_keeps_result(fn, inplace: bool) -> bool:
+    """Whether torch's autograd saves fn's output (not its input) for backward."""
+    leaf = _x().requires_grad_(True)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        x = leaf * 1.0 if inplace else leaf  # in place needs a non-leaf
+        y = fn(x)
+    return any(t.data_ptr() == y.data_ptr() and t.shape == y.shape for t in packed)
+
+
+def _saves_result(target, kwargs, method=False) -> bool:
+    """What passes/saves says the call keeps, on a one-node graph."""
+    g = fx.Graph()
+    x = g.placeholder("x")
+    x.meta["example_value"] = torch.randn(3, requires_grad=True)
+    node = (g.call_method if method else g.call_function)(target, (x,), kwargs)
+    node.meta["example_value"] = torch.randn(3, requires_grad=True)
+    kept, known = saves.saved_inputs(node)
+    assert known and kept in ([node], [x])
+    return kept == [node]
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_saves_says_what_torch_keeps(name):
+    """saves_result / saves_result_inplace are what torch's backward really keeps, and
+    what passes/saves assumes, for every call detect matches."""
+    spec = SPECS[name]
+    in_place = spec.saves_result or spec.saves_result_inplace
+    for target, arg_names in spec.functions.items():
+        assert _saves_result(target, {}) == spec.saves_result == _torch_keeps_result(target, False), target
+        if "inplace" in arg_names:
+            torch_says = _torch_keeps_result(lambda x: target(x, inplace=True), True)
+            assert _saves_result(target, {"inplace": True}) == in_place, target
+            assert torch_says == in_place or name in TORCH_KEEPS_RESULT_IN_PLACE_UNMODELLED, target
+    for target in spec.inplace_functions:
+        assert _saves_result(target, {}) == in_place == _torch_keeps_result(target, True), target
+    for m in spec.methods:
+        assert _saves_result(m, {}, method=True) == spec.saves_result
+        assert _torch_keeps_result(lambda x: getattr(x, m)(), False) == spec.saves_result
+    for m in spec.inplace_methods:
+        assert _saves_result(m, {}, method=True) == in_place
+        assert _torch_keeps_result(lambda x: getattr(x, m)(), True) == in_place
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_inverse_is_declared(name):
+    """One inverse per entry: closed form, a numerical table in fewbit_fx.inverse, or a
+    twin that has one of those."""
+    from fewbit_fx import inverse
+
+    spec = SPECS[name]
+    assert isinstance(spec.inverse, (ClosedForm, Numerical, Twin)), name
+    assert (name in inverse.SUPPORTED) == isinstance(spec.inverse, Numerical)
+    if isinstance(spec.inverse, Twin):
+        assert isinstance(SPECS[spec.inverse.name].inverse, (ClosedForm, Numerical))
+        assert get(name).twin == (get(spec.inverse.name), spec.inverse.scale)
+    if isinstance(spec.inverse, Numerical):  # its explicit formulas are the entry's f and f'
+        a, x = get(name), torch.linspace(-20, 20, 4001, dtype=torch.float64)
+        torch.testing.assert_close(spec.inverse.f(x), a.forward(x), rtol=1e-13, atol=1e-14)
+        torch.testing.assert_close(spec.inverse.slope(x), a.derivative(x), rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_kernel_tables_follow_the_registry(name):
+    """The Triton tables come from the entry's Kernel; each id has its branch (a named
+    switch constant in triton_common), and only closed forms run the backward kernel."""
+    pytest.importorskip("triton")
+    from fewbit_fx.kernels import triton_common
+
+    spec = SPECS[name]
+    if spec.kernel is None:
+        assert not triton_common.supported_activation(name)
+        return
+    switches = {v.value for v in vars(triton_common).values()
+                if isinstance(v, triton_common.tl.constexpr) and type(v.value) is int}
+    assert triton_common.ACT_IDS[name] == spec.kernel.id and spec.kernel.id in switches
+    act_id, *scalars = triton_common.kernel_params(get(name))
+    assert act_id == spec.kernel.id and len(scalars) == 3 and all(isinstance(s, float) for s in scalars)
+    assert (name in triton_common.CLOSED_FORM_BACKWARD) == isinstance(spec.inverse, ClosedForm)

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from fewbit_fx.activations import _SELU_ALPHA, _SELU_SCALE, Activation
+from fewbit_fx.activations import SPECS, Activation, ClosedForm
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -40,42 +40,33 @@ COMPILE_OPTIONS = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
 NUM_WARPS = 4
 BLOCK = 1024  # elements per program; a power of two >= 8
 
-# Activation ids (constexpr switches inside the kernels).
-GELU = tl.constexpr(0)
-GELU_TANH = tl.constexpr(1)
-SILU = tl.constexpr(2)
-MISH = tl.constexpr(3)
-SIGMOID = tl.constexpr(4)
-TANH = tl.constexpr(5)
-SOFTPLUS = tl.constexpr(6)
-ELU = tl.constexpr(7)  # ELU, SELU and CELU share torch's elu kernel
-LEAKY_RELU = tl.constexpr(8)
-RELU = tl.constexpr(9)
-HARDTANH = tl.constexpr(10)  # also relu6 = hardtanh(0, 6)
-HARDSIGMOID = tl.constexpr(11)
-HARDSWISH = tl.constexpr(12)
-LOGSIGMOID = tl.constexpr(13)
-SOFTSIGN = tl.constexpr(14)
-TANHSHRINK = tl.constexpr(15)
+# Activation ids (constexpr switches inside the kernels): each registry entry's Kernel.id.
+ACT_IDS = {name: spec.kernel.id for name, spec in SPECS.items() if spec.kernel is not None}
+GELU = tl.constexpr(ACT_IDS["gelu"])
+GELU_TANH = tl.constexpr(ACT_IDS["gelu_tanh"])
+SILU = tl.constexpr(ACT_IDS["silu"])
+MISH = tl.constexpr(ACT_IDS["mish"])
+SIGMOID = tl.constexpr(ACT_IDS["sigmoid"])
+TANH = tl.constexpr(ACT_IDS["tanh"])
+SOFTPLUS = tl.constexpr(ACT_IDS["softplus"])
+ELU = tl.constexpr(ACT_IDS["elu"])  # ELU, SELU and CELU share torch's elu kernel
+LEAKY_RELU = tl.constexpr(ACT_IDS["leaky_relu"])
+RELU = tl.constexpr(ACT_IDS["relu"])
+HARDTANH = tl.constexpr(ACT_IDS["hardtanh"])  # also relu6 = hardtanh(0, 6)
+HARDSIGMOID = tl.constexpr(ACT_IDS["hardsigmoid"])
+HARDSWISH = tl.constexpr(ACT_IDS["hardswish"])
+LOGSIGMOID = tl.constexpr(ACT_IDS["logsigmoid"])
+SOFTSIGN = tl.constexpr(ACT_IDS["softsign"])
+TANHSHRINK = tl.constexpr(ACT_IDS["tanhshrink"])
 # Hugging Face formula activations: chains of torch ops, each rounded to the tensor dtype.
-GELU_TANH_FORMULA = tl.constexpr(16)
-GELU_FAST_FORMULA = tl.constexpr(17)
-GELU_ERF_FORMULA = tl.constexpr(18)
-QUICK_GELU = tl.constexpr(19)
+GELU_TANH_FORMULA = tl.constexpr(ACT_IDS["gelu_tanh_formula"])
+GELU_FAST_FORMULA = tl.constexpr(ACT_IDS["gelu_fast_formula"])
+GELU_ERF_FORMULA = tl.constexpr(ACT_IDS["gelu_erf_formula"])
+QUICK_GELU = tl.constexpr(ACT_IDS["quick_gelu"])
 
-ACT_IDS = {
-    "gelu": 0, "gelu_tanh": 1, "silu": 2, "mish": 3, "sigmoid": 4, "tanh": 5, "softplus": 6,
-    "elu": 7, "selu": 7, "celu": 7, "leaky_relu": 8, "relu": 9, "relu6": 10, "hardtanh": 10,
-    "hardsigmoid": 11, "hardswish": 12, "logsigmoid": 13, "softsign": 14, "tanhshrink": 15,
-    "gelu_tanh_formula": 16, "gelu_fast_formula": 17, "gelu_erf_formula": 18, "quick_gelu": 19,
-}
-
-# Activations whose backward from y has a closed form implemented below. The rest (gelu,
-# gelu_tanh, silu, mish, tanhshrink and the formula GELUs) need fewbit_fx.inverse.
-CLOSED_FORM_BACKWARD = frozenset(
-    ["sigmoid", "tanh", "softplus", "elu", "selu", "celu", "leaky_relu", "relu", "relu6",
-     "hardtanh", "hardsigmoid", "hardswish", "logsigmoid", "softsign"]
-)
+# Activations whose backward from y has a closed form (derivative_times_grad below). The
+# rest (Numerical and Twin inverses) need fewbit_fx.inverse, so CUDA sends them to torch ops.
+CLOSED_FORM_BACKWARD = frozenset(name for name in ACT_IDS if isinstance(SPECS[name].inverse, ClosedForm))
 
 # The constants of torch's CUDA kernels (C macros, double), rounded to fp32 when used.
 SQRT1_2 = tl.constexpr(0.70710678118654752440)
@@ -95,34 +86,15 @@ def _f32(v: float) -> float:
 
 @functools.lru_cache(maxsize=None)  # on the launch path of every call
 def kernel_params(act: Activation) -> tuple[int, float, float, float]:
-    """(activation id, P0, P1, P2): scalars with the fp32 values torch's kernels compute.
-
-    softplus: beta, threshold. ELU family: poscoef, negcoef, negiptcoef, as in torch's
-    elu kernel (negcoef = alpha * scale in fp32). leaky_relu: slope. hardtanh: min, max.
-    """
-    p = act.p
-    name = act.name
-    if name == "softplus":
-        vals = (p["beta"], p["threshold"], 0.0)
-    elif name in ("elu", "selu", "celu"):
-        alpha = _SELU_ALPHA if name == "selu" else p["alpha"]
-        scale = _SELU_SCALE if name == "selu" else 1.0
-        input_scale = 1.0 / alpha if name == "celu" else 1.0
-        negcoef = float(np.float32(alpha) * np.float32(scale))
-        vals = (scale, negcoef, input_scale)
-    elif name == "leaky_relu":
-        vals = (p["negative_slope"], 0.0, 0.0)
-    elif name == "hardtanh":
-        vals = (p["min_val"], p["max_val"], 0.0)
-    elif name == "relu6":
-        vals = (0.0, 6.0, 0.0)
-    else:
-        vals = (0.0, 0.0, 0.0)
-    return (ACT_IDS[name], *(_f32(v) for v in vals))
+    """(activation id, P0, P1, P2): the entry's Kernel.scalars with the fp32 values torch's
+    kernels compute (softplus: beta, threshold; ELU family: poscoef, negcoef, negiptcoef;
+    leaky_relu: slope; hardtanh: min, max)."""
+    kernel = act.spec.kernel
+    return (kernel.id, *(_f32(v) for v in kernel.scalars(act.p)))
 
 
 def supported_activation(name: str) -> bool:
-    """False for registry entries added after these kernels: they use the torch ops."""
+    """False for registry entries without a Kernel: CUDA runs them through the torch ops."""
     return name in ACT_IDS
 
 
@@ -303,7 +275,7 @@ def derivative_times_grad(
 ):
     """grad * f'(x) in fp32 from fp32 g, y and (non-monotone functions) the branch bit.
 
-    Each line mirrors fewbit_fx.activations' grad_from_output, including which torch
+    Each line mirrors the registry's ClosedForm (fewbit_fx.activations.registry), including which torch
     backward kernel it reuses (sigmoid_backward, tanh_backward, elu_backward with
     is_result, threshold_backward, hardtanh_backward). torch's sigmoid_backward and
     tanh_backward compute in the tensor dtype (DTYPE), rounding every step for half types.

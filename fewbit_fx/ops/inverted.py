@@ -86,7 +86,7 @@ def grad_from_output(a: Activation, grad: Tensor, y: Tensor, right: Tensor | Non
     """grad * f'(x): a closed form in y where one exists, else the numerical inverse.
     rounded_tanh: half tanhshrink's y came from eager torch, x - (tanh x rounded)."""
     if a.exact_from_output:
-        return a.spec.grad_from_output(grad, y, right, a.p)
+        return a.spec.inverse.grad_from_output(grad, y, right, a.p)
     dt = compare_dtype(grad.dtype)
     if _tanhshrink_table(a, y):
         return (grad.to(dt) * tanhshrink_half_derivative(y, rounded_tanh).to(dt)).to(grad.dtype)
