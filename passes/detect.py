@@ -19,7 +19,43 @@ from fewbit_fx.activations import Activation
 from fewbit_fx.passes.capture import (
     example_value, innermost_module, module_scopes, with_checkpointed_regions,
 )
-from fewbit_fx.passes.source_rewrite import CallSite, call_site
+
+
+# Frames of torch's own call wrappers: the call site is the first frame outside them.
+_WRAPPER_FILES = ("torch/nn/functional.py", "torch/functional.py", "torch/_tensor.py",
+                  "torch/overrides.py")
+_FRAME = re.compile(r'File "(?P<file>.+)", line (?P<line>\d+), in (?P<func>\S+)')
+
+
+@dataclass(frozen=True)
+class CallSite:
+    """Where an activation call sits in the source: file, line, enclosing function, and
+    the callee's name as written there (`gelu` for F.gelu, `tanh` for x.tanh())."""
+
+    filename: str
+    lineno: int
+    function: str
+    callee: str
+    method: bool
+
+
+def call_site(node: fx.Node) -> CallSite | None:
+    """The source location of a captured functional node, from its stack trace."""
+    frames = [m.groupdict() for m in _FRAME.finditer(node.meta.get("stack_trace") or "")]
+    frames = [f for f in frames if not f["file"].replace("\\", "/").endswith(_WRAPPER_FILES)]
+    if not frames:
+        return None
+    f = frames[-1]
+    resumed = re.match(r"torch_dynamo_resume_in_(.+)_at_\d+$", f["func"])
+    if resumed:  # Dynamo's continuation of a frame after a graph break
+        f = {**f, "func": resumed.group(1)}
+    if node.op == "call_method":
+        callee = node.target
+    else:
+        callee = getattr(node.target, "__name__", None)
+    if not isinstance(callee, str):
+        return None
+    return CallSite(f["file"], int(f["line"]), f["func"], callee, node.op == "call_method")
 
 
 def _calls() -> tuple[dict, dict, set, dict]:

@@ -20,51 +20,15 @@ import ast
 import copy
 import functools
 import inspect
-import re
 import textwrap
 import types
 import warnings
 from dataclasses import dataclass
 
 import torch
-from torch import fx, nn
+from torch import nn
 
-# Frames of torch's own call wrappers: the call site is the first frame outside them.
-_WRAPPER_FILES = ("torch/nn/functional.py", "torch/functional.py", "torch/_tensor.py",
-                  "torch/overrides.py")
-_FRAME = re.compile(r'File "(?P<file>.+)", line (?P<line>\d+), in (?P<func>\S+)')
-
-
-@dataclass(frozen=True)
-class CallSite:
-    """Where an activation call sits in the source: file, line, enclosing function, and
-    the callee's name as written there (`gelu` for F.gelu, `tanh` for x.tanh())."""
-
-    filename: str
-    lineno: int
-    function: str
-    callee: str
-    method: bool
-
-
-def call_site(node: fx.Node) -> CallSite | None:
-    """The source location of a captured functional node, from its stack trace."""
-    frames = [m.groupdict() for m in _FRAME.finditer(node.meta.get("stack_trace") or "")]
-    frames = [f for f in frames if not f["file"].replace("\\", "/").endswith(_WRAPPER_FILES)]
-    if not frames:
-        return None
-    f = frames[-1]
-    resumed = re.match(r"torch_dynamo_resume_in_(.+)_at_\d+$", f["func"])
-    if resumed:  # Dynamo's continuation of a frame after a graph break
-        f = {**f, "func": resumed.group(1)}
-    if node.op == "call_method":
-        callee = node.target
-    else:
-        callee = getattr(node.target, "__name__", None)
-    if not isinstance(callee, str):
-        return None
-    return CallSite(f["file"], int(f["line"]), f["func"], callee, node.op == "call_method")
-
+from fewbit_fx.passes.detect import CallSite, activation_of_call
 
 class CannotRewrite(Exception):
     """Why a functional site stays as written (the report shows the message)."""
@@ -86,8 +50,6 @@ class Target:
 
 def _dispatch(owner: nn.Module, target: Target, fn, *args, **kwargs):
     """A rewritten `fn(*args, **kwargs)`."""
-    from fewbit_fx.passes.detect import activation_of_call
-
     site = owner._modules.get(target.child)
     if site is not None and args and isinstance(args[0], torch.Tensor):
         found = activation_of_call(fn, args, kwargs)
@@ -98,8 +60,6 @@ def _dispatch(owner: nn.Module, target: Target, fn, *args, **kwargs):
 
 def _dispatch_method(owner: nn.Module, target: Target, obj, name: str, *args, **kwargs):
     """A rewritten `obj.name(*args, **kwargs)`."""
-    from fewbit_fx.passes.detect import activation_of_call
-
     site = owner._modules.get(target.child)
     if site is not None and isinstance(obj, torch.Tensor):
         found = activation_of_call(name, (obj, *args), kwargs, method=True)
