@@ -22,3 +22,47 @@ def test_the_runtime_imports_no_evidence_code():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _module_level_imports() -> dict[str, set[str]]:
+    """fewbit_fx's modules -> the fewbit_fx modules they import at module level (imports
+    inside functions are the deliberate, lazy ones; the package facade is left out)."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    files = {}
+    for base, pkg in ((root / "fewbit_fx", "fewbit_fx"), (root / "passes", "fewbit_fx.passes")):
+        for f in base.rglob("*.py"):
+            parts = [p for p in f.relative_to(base).with_suffix("").parts if p != "__init__"]
+            files[".".join([pkg, *parts])] = f
+    graph = {}
+    for name, f in files.items():
+        deps = set()
+        for node in ast.parse(f.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                deps |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files else node.module
+                         for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+        graph[name] = {d for d in deps if d in files and d not in (name, "fewbit_fx")}
+    return graph
+
+
+def test_imports_run_one_way():
+    graph = _module_level_imports()
+    done, path = set(), []
+
+    def visit(m):
+        if m in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(m):] + [m]))
+        if m in done:
+            return
+        path.append(m)
+        for d in sorted(graph[m]):
+            visit(d)
+        path.pop()
+        done.add(m)
+
+    for m in sorted(graph):
+        visit(m)
