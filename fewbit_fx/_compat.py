@@ -101,3 +101,13 @@ def size_hint(n) -> int:
     from torch.fx.experimental.symbolic_shapes import hint_int
 
     return hint_int(n)
+
+
+def decompositions_changed() -> None:
+    """Inductor caches its decomposition table on first use; drop that cache so that
+    decompositions registered later (fewbit_fx.ops.inductor) take effect."""
+    from torch._inductor import decomposition
+
+    cached = getattr(decomposition, "fast_random_decomps", None)
+    if hasattr(cached, "cache_clear"):
+        cached.cache_clear()

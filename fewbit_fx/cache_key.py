@@ -4,6 +4,9 @@ A graph holds calls to fewbit_fx ops; what they lower to (decompositions, packin
 tables) is our code, which Inductor's and AOTAutograd's cache keys do not hash. A no-op
 post-grad pass whose uuid hashes that code joins the key, so a warm cache never serves
 kernels built from an older implementation (observed: it did, before this).
+
+Inductor is imported only when a key is first needed (`ImplementationKey` is built on
+first access), so `import fewbit_fx` stays cheap.
 """
 from __future__ import annotations
 
@@ -12,23 +15,35 @@ from pathlib import Path
 
 import torch
 from torch import fx
-from torch._inductor.custom_graph_pass import CustomGraphPass
 
 
-class ImplementationKey(CustomGraphPass):
-    """No-op post-grad pass carrying the implementation hash. A pass the user configured
-    still runs, and its uuid joins ours."""
+@functools.lru_cache(maxsize=None)
+def _key_class() -> type:
+    from torch._inductor.custom_graph_pass import CustomGraphPass
 
-    def __init__(self, user_pass=None):
-        self.user_pass = user_pass
+    class ImplementationKey(CustomGraphPass):
+        """No-op post-grad pass carrying the implementation hash. A pass the user
+        configured still runs, and its uuid joins ours."""
 
-    def __call__(self, graph: fx.Graph) -> None:
-        if self.user_pass is not None:
-            self.user_pass(graph)
+        def __init__(self, user_pass=None):
+            self.user_pass = user_pass
 
-    def uuid(self):
-        user = self.user_pass.uuid() if hasattr(self.user_pass, "uuid") else None
-        return (implementation_hash(), user)
+        def __call__(self, graph: fx.Graph) -> None:
+            if self.user_pass is not None:
+                self.user_pass(graph)
+
+        def uuid(self):
+            user = self.user_pass.uuid() if hasattr(self.user_pass, "uuid") else None
+            return (implementation_hash(), user)
+
+    ImplementationKey.__module__ = __name__
+    return ImplementationKey
+
+
+def __getattr__(name: str):
+    if name == "ImplementationKey":
+        return _key_class()
+    raise AttributeError(name)
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,7 +58,7 @@ def implementation_hash() -> str:
 
 def with_cache_key(options: dict) -> dict:
     """Inductor config patches with our key wrapped around any pass they already set."""
-    options["post_grad_custom_post_pass"] = ImplementationKey(options.get("post_grad_custom_post_pass"))
+    options["post_grad_custom_post_pass"] = _key_class()(options.get("post_grad_custom_post_pass"))
     return options
 
 
@@ -52,6 +67,7 @@ def install() -> None:
     calls our ops (after `optimize`, or with nn.FewBit) is cache-correct too. Only fills an
     empty slot: a pass the user set is left alone (one without a uuid disables Inductor's
     cache anyway, and wrapping it would hide that)."""
-    config = torch._inductor.config
+    import torch._inductor.config as config
+
     if config.post_grad_custom_post_pass is None:
-        config.post_grad_custom_post_pass = ImplementationKey()
+        config.post_grad_custom_post_pass = _key_class()()

@@ -41,6 +41,10 @@ def backend(mode: str = "auto", bits: int = 3, overrides: dict[str, str] | None 
     def fewbit(gm: fx.GraphModule, example_inputs):
         from torch._inductor.compile_fx import compile_fx
 
+        from fewbit_fx.ops import inductor
+
+        inductor.register()
+
         original = _snapshot(gm.graph)
         try:
             planned = plan_graph(gm, mode, bits, overrides)
@@ -130,8 +134,18 @@ def _table_nodes(graph: fx.Graph, site, bits: int) -> tuple[fx.Node, fx.Node]:
 
 
 def register() -> None:
-    """Make backend="fewbit" resolve after `import fewbit_fx` (the entry point covers the
-    case without the import)."""
+    """Make backend="fewbit" resolve after `import fewbit_fx`. When the package is
+    installed, its `torch_dynamo_backends` entry point already does (Dynamo reads entry
+    points on a lookup miss), and importing Dynamo here would cost a second at import;
+    otherwise (the package on sys.path, not installed) register it now."""
+    import importlib.metadata
+
+    try:
+        points = importlib.metadata.entry_points(group="torch_dynamo_backends")
+    except Exception:  # noqa: BLE001 - broken metadata: register directly
+        points = ()
+    if any(p.name == "fewbit" and p.value == f"{__name__}:fewbit_backend" for p in points):
+        return
     from torch._dynamo.backends.registry import _BACKENDS, register_backend
 
     if "fewbit" not in _BACKENDS:

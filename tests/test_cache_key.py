@@ -14,7 +14,8 @@ def _compile_inverted_gelu(x):
     fn(x).backward()
 
 
-def test_import_installs_the_key_in_the_global_config():
+def test_first_compile_installs_the_key_in_the_global_config():
+    _compile_inverted_gelu(torch.randn(8, requires_grad=True))
     key = torch._inductor.config.post_grad_custom_post_pass
     assert isinstance(key, cache_key.ImplementationKey)
     assert key.uuid()[0] == cache_key.implementation_hash()

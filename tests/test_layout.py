@@ -66,3 +66,23 @@ def test_imports_run_one_way():
 
     for m in sorted(graph):
         visit(m)
+
+
+def test_import_is_cheap_and_plain_compile_still_fuses_the_ops():
+    """`import fewbit_fx` does not import Inductor (seconds); the first trace registers the
+    ops' decompositions, so a plain torch.compile of FewBit/Inverted still fuses them."""
+    code = textwrap.dedent("""
+        import sys, torch
+        import fewbit_fx
+        print("inductor imported:", "torch._inductor" in sys.modules)
+        from torch._inductor.utils import run_and_get_code
+        m = fewbit_fx.nn.Inverted(torch.nn.GELU())
+        x = torch.randn(64, 64, requires_grad=True)
+        _, code = run_and_get_code(torch.compile(lambda t: m(t).sum()), x)
+        print("extern op calls:", sum("fewbit_fx.inverted_forward" in c for c in code))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert "inductor imported: False" in lines
+    assert "extern op calls: 0" in lines

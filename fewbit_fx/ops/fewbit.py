@@ -17,7 +17,6 @@ import math
 
 import torch
 from torch import Tensor
-from torch._inductor.decomposition import register_decomposition
 
 from fewbit_fx.activations import Activation, from_op_args
 from fewbit_fx.kernels import cpu as cpu_kernels
@@ -154,16 +153,20 @@ def _autograd_backward(ctx, grad_y, grad_packed):
     return out, None, None, None, None, None
 
 
+def _fake_forward(x, act, params, borders, levels, bits):
+    from fewbit_fx.ops import inductor
+
+    inductor.register()  # a trace is under way: the compiler may come next
+    return _forward(x, act, params, borders, bits)
+
+
+def decomposed_forward(x, act, params, borders, levels, bits):
+    """What Inductor sees instead of the op (fewbit_fx.ops.inductor)."""
+    return _forward(x, act, params, borders, bits, _interval_index)
+
+
 # The fakes run the same aten code on fake tensors, so shapes and strides always agree.
-fewbit_forward.register_fake(
-    lambda x, act, params, borders, levels, bits: _forward(x, act, params, borders, bits)
-)
+fewbit_forward.register_fake(_fake_forward)
 fewbit_backward.register_fake(_backward)
 fewbit_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 fewbit_backward.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)
-
-# Inductor sees through both ops: their bodies are plain aten, so they fuse with neighbours.
-register_decomposition(torch.ops.fewbit_fx.fewbit_forward.default)(
-    lambda x, act, params, borders, levels, bits: _forward(x, act, params, borders, bits, _interval_index)
-)
-register_decomposition(torch.ops.fewbit_fx.fewbit_backward.default)(_backward)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch._inductor.decomposition import register_decomposition
 
 from fewbit_fx.activations import Activation, from_op_args
 # Imported eagerly: its tables are built on import, never while torch.compile traces.
@@ -116,11 +115,15 @@ def _autograd_backward(ctx, grad_y, grad_mask):
     return inverted_backward(grad_y.contiguous(), y, mask, ctx.act, ctx.params), None, None
 
 
+def _fake_forward(x, act, params):
+    from fewbit_fx.ops import inductor
+
+    inductor.register()  # a trace is under way: the compiler may come next
+    return _forward(x, act, params)
+
+
 # The fakes run the same aten code on fake tensors, so shapes and strides always agree.
-inverted_forward.register_fake(_forward)
+inverted_forward.register_fake(_fake_forward)
 inverted_backward.register_fake(_backward)
 inverted_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 inverted_backward.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)
-
-register_decomposition(torch.ops.fewbit_fx.inverted_forward.default)(_forward)
-register_decomposition(torch.ops.fewbit_fx.inverted_backward.default)(_backward_compiled)

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch._inductor import ir
-from torch._inductor.lowering import register_lowering
-from torch._inductor.virtualized import ops
 
 from fewbit_fx.packing import check_bits, unpack as unpack_eager
 
@@ -26,11 +23,20 @@ def unpack(packed: Tensor, bits: int, numel: int) -> Tensor:
 
 @unpack.register_fake
 def _(packed, bits, numel):
+    from fewbit_fx.ops import inductor
+
+    inductor.register()  # a trace is under way: the compiler may come next
     check_bits(bits)
     return packed.new_empty(numel, dtype=torch.uint8)
 
 
-@register_lowering(torch.ops.fewbit_fx.unpack.default, type_promotion_kind=None)
+def register_lowering() -> None:
+    """Called once by fewbit_fx.ops.inductor.register (importing Inductor costs seconds)."""
+    from torch._inductor.lowering import register_lowering as register
+
+    register(torch.ops.fewbit_fx.unpack.default, type_promotion_kind=None)(_unpack_lowering)
+
+
 def _unpack_lowering(packed, bits: int, numel):
     """Code i = bits [i*bits, (i+1)*bits) of the stream: the byte holding its first bit,
     plus, when the code straddles, the byte holding its last (for a code within one byte
@@ -38,6 +44,9 @@ def _unpack_lowering(packed, bits: int, numel):
     the loads skip Inductor's wrap-around and bounds checks. They stay indirect loads
     (index computed in-loop, not a FloorDiv index expression), since with FloorDiv in an
     index the C++ backend gives up vectorising the whole consumer loop."""
+    from torch._inductor import ir
+    from torch._inductor.virtualized import ops
+
     check_bits(bits)
     load = packed.make_loader()
     nbytes = packed.get_size()[0]
