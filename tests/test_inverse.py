@@ -1,19 +1,11 @@
 """fewbit_fx.inverse: f'(x) from y = f(x) against the rounding floor of y's dtype."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from fewbit_fx.activations import get
 from fewbit_fx.inverse import SUPPORTED, derivative_from_output
 
-# The floor measurement is evidence code: it lives with the report script, not the runtime.
-_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "inverse_floor.py"
-_spec = importlib.util.spec_from_file_location("inverse_floor", _SCRIPT)
-inverse_floor = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(inverse_floor)
-floor_and_error = inverse_floor.floor_and_error
+from fewbit_fx.evidence.inverse_floor import floor_and_error  # evidence code, not the runtime
 
 
 def value_and_derivative(act, x):

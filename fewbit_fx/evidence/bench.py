@@ -234,7 +234,7 @@ def _sections(scale: str, out: str) -> list[tuple[str, str, list[str], str | Non
         ("tables-plot", "plot of few-bit derivative error against bits",
          py + ["-m", "fewbit_fx", "bench", "tables-plot", "--out", out], None),
         ("inverse", "inverted derivative error against the method's floor, per dtype",
-         py + [str(_SCRIPTS / "inverse_floor.py")] + (["--n", "200000", "--elements", "1048576"] if quick else []),
+         py + ["-m", "fewbit_fx.evidence.inverse_floor"] + (["--n", "200000", "--elements", "1048576"] if quick else []),
          "inverse_floor.txt"),
         ("ops", "op micro-benchmark (ns/element, ratio to the plain activation)",
          py + ["-m", "fewbit_fx", "bench-ops", "--json", f"{out}/ops.json"], "ops.txt"),
@@ -260,7 +260,6 @@ def _sections(scale: str, out: str) -> list[tuple[str, str, list[str], str | Non
 
 
 _ROOT = Path(__file__).resolve().parents[2]  # the repository, for an editable install
-_SCRIPTS = _ROOT / "scripts"
 
 
 def compiled_sites(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Accuracy and cost of fewbit_fx.inverse.derivative_from_output, per activation and dtype.
 
-    python scripts/inverse_floor.py [--n 2000000] [--elements 4194304]
+    python -m fewbit_fx.evidence.inverse_floor [--n 2000000] [--elements 4194304]
 
 floor: max |f'(x*) - f'(x)| where x* inverts f(x) rounded to the dtype (what y alone
 allows); error / error_far: ours, everywhere / with |x - x_min| > 0.05; "f32 out": the
