@@ -143,6 +143,12 @@ def _inverted_reason(site: Site, saves: SiteSaves) -> str:
 
 
 def _fewbit_reason(saves: SiteSaves, bits: int) -> str:
+    """True in every mode: few-bit may be forced (mode="fewbit", an override) where a
+    consumer keeps the output, and a formula site may hold several tensors now."""
+    held = 8 * saves.saved_before / max(saves.numel, 1)
+    cost = f"{bits} bits/elem instead of {held:.3g}" if held else f"{bits} bits/elem"
     if saves.y_mutated:
-        return f"{_mutated(saves)}; {bits} bits/elem"
-    return f"no consumer keeps the output; {bits} bits/elem instead of {8 * saves.y_bytes // max(saves.numel, 1)}"
+        return f"{_mutated(saves)}; {cost}"
+    if saves.y_kept_by:
+        return f"few-bit as asked (mode or override), though {saves.y_kept_by[0]} keeps the output; {cost}"
+    return f"no consumer keeps the output; {cost}"

@@ -838,3 +838,13 @@ def test_a_model_without_activations_says_so():
     with pytest.warns(UserWarning, match="no supported activation"):
         fewbit_fx.optimize(model, example_inputs=(x_in(),))
     assert "no supported activation" in fewbit_fx.report(model, example_inputs=(x_in(),)).notes[0]
+
+
+def test_reasons_are_true_in_forced_fewbit_mode():
+    """mode="fewbit" where a consumer keeps the output must not say that none does, and the
+    bits it replaces are what the site held (a formula GELU holds several tensors)."""
+    rep = fewbit_fx.report(ModuleMLP(), example_inputs=(x_in(),), mode="fewbit", measure=False)
+    (row,) = rep.rows
+    assert row.variant == "fewbit-3"
+    assert "no consumer keeps" not in row.reason and "keeps the output" in row.reason
+    assert "instead of 32" in row.reason  # it held one fp32 tensor
