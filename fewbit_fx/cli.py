@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     passthrough = {"bench": "fewbit_fx.evidence.bench", "bench-ops": "fewbit_fx.evidence.ops_bench"}
     if argv and argv[0] in passthrough:
         return importlib.import_module(passthrough[argv[0]]).main(argv[1:])
+    from fewbit_fx import calibration
+    from fewbit_fx.passes import decide
+
     p = argparse.ArgumentParser(prog="fewbit-fx", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -192,11 +195,11 @@ def main(argv: list[str] | None = None) -> int:
                        choices=["tiny", "small", "base"],
                        help="model size: tiny and small are shrunk configs; base is the real "
                             "architecture's size (default: %(default)s)")
-        s.add_argument("--mode", default="auto", choices=["auto", "exact", "fewbit"],
+        s.add_argument("--mode", default="auto", choices=decide.MODES,
                        help="auto: inverted where a consumer keeps the output, few-bit elsewhere; "
                             "exact: inverted only; fewbit: few-bit everywhere (default: %(default)s)")
         s.add_argument("--bits", type=_bits, default=3, help="few-bit bits per element, 1 to 8 (default: 3)")
-        s.add_argument("--tables", default="fitted", choices=["fitted", "normal"],
+        s.add_argument("--tables", default="fitted", choices=calibration.TABLES,
                        help="few-bit tables fitted to the example inputs, or the N(0, 1) ones")
         s.add_argument("--verbose", action="store_true", help="on an error, show the underlying one too")
         if name == "report":

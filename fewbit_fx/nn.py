@@ -82,10 +82,9 @@ class FewBit(nn.Module):
     def schedule_refits(self, every: int | None) -> "FewBit":
         """Refit to the input of the training call `every` calls from now, then at doubling
         intervals up to REFIT_INTERVAL_CAP x `every` (None: never). The inputs' distribution
-        moves while a network trains, fastest early on, and a table fitted once goes stale:
-        tables fitted at initialisation cost 5% of final loss in our pretraining runs, and
-        refitting brought that back to exact. Eager only: under torch.compile the module
-        keeps the table it has."""
+        moves while a network trains, fastest early on, and a table fitted once goes stale
+        (reports/convergence_fitted_once/ measures what that costs). Eager only: under
+        torch.compile the module keeps the table it has."""
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ValueError(f"refit_every must be a positive integer or None, got {every!r}")
         self.refit_every = every

@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -187,9 +186,13 @@ def sample_rel_rmse(act: Activation, table: Table, samples: Tensor) -> float:
 
 # --- fitting ----------------------------------------------------------------------------
 def _check_bits(bits, what: str) -> None:
-    if (not isinstance(bits, numbers.Integral) or isinstance(bits, bool)
-            or not 1 <= int(bits) <= MAX_BITS):
-        raise ValueError(f"{what} must be an integer in 1..{MAX_BITS}, got {bits!r}")
+    """packing.check_bits (the one bits validator), naming the argument that was wrong."""
+    from fewbit_fx.packing import check_bits
+
+    try:
+        check_bits(bits)
+    except ValueError:
+        raise ValueError(f"{what} must be an integer in 1..{MAX_BITS}, got {bits!r}") from None
 
 
 @functools.lru_cache(maxsize=_CACHED_FITS)

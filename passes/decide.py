@@ -123,8 +123,8 @@ def _in_checkpointed_region(best: Decision) -> Decision:
     not the bytes saved across it. Inverted: until the ops that keep y have run their
     backward, it holds y (+ mask) where the original held x and y; after, y (+ mask) where
     the original held x. So the peak falls by up to x's bytes or rises by at most the 1-bit
-    mask, depending on where the region peaks (small scale: Llama -4%, GPT-2's formula GELU
-    -17%, BERT +0.2%); few-bit holds codes where the original held x. report() measures it."""
+    mask, depending on where the region peaks (reports/peak.md); few-bit holds codes where
+    the original held x. report() measures it."""
     return Decision(best.variant, best.bits, best.saved_after, f"{best.reason} ({CHECKPOINTED})")
 
 

@@ -5,7 +5,8 @@ anywhere: it registers nothing when torch has no CUDA support, triton is not ins
 or TRITON_INTERPRET=1 is set (the interpreter is for tests on CPU tensors, far too slow
 for real CUDA work). It neither imports triton nor initialises CUDA: the kernel modules
 are imported on the first call with a CUDA tensor, so importing fewbit_fx stays cheap and
-fork-safe. CPU tensors always use the ops' torch implementations.
+fork-safe. CPU tensors take the ops' CPU path (fewbit_fx.kernels.cpu: Inductor-compiled C++
+kernels for long tensors, the torch implementations otherwise).
 """
 from __future__ import annotations
 
