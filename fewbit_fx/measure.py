@@ -21,7 +21,6 @@ class SavedTensors:
 
     excluded: set[int] = field(default_factory=set)
     storages: dict[int, int] = field(default_factory=dict)  # data_ptr -> nbytes
-    dtypes: dict[int, torch.dtype] = field(default_factory=dict)
 
     @property
     def bytes(self) -> int:
@@ -32,7 +31,6 @@ class SavedTensors:
         ptr = storage.data_ptr()
         if ptr not in self.excluded and storage.nbytes() > 0:
             self.storages[ptr] = max(self.storages.get(ptr, 0), storage.nbytes())
-            self.dtypes[ptr] = t.dtype
         return t
 
 

@@ -25,7 +25,6 @@ def test_counts_each_saved_storage():
     b = torch.randn(100, requires_grad=True)
     record = saved_bytes(lambda: (a * b).sum())
     assert record.bytes == 2 * 100 * 4
-    assert set(record.dtypes.values()) == {torch.float32}
     record.loss.backward()
     assert torch.equal(a.grad, b.detach())
 
