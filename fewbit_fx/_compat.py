@@ -95,12 +95,16 @@ def capture_config():
 
 
 def size_hint(n) -> int:
-    """An int for a size that may be symbolic (a SymInt under dynamic shapes)."""
+    """An int for a size that may be symbolic (a SymInt under dynamic shapes), without
+    adding a guard: sizes here only feed estimates and messages."""
     if isinstance(n, int):
         return n
-    from torch.fx.experimental.symbolic_shapes import hint_int
+    from torch.fx.experimental import symbolic_shapes
 
-    return hint_int(n)
+    hint = getattr(symbolic_shapes, "optimization_hint", None)  # torch 2.13
+    if hint is not None:
+        return hint(n, fallback=8192)
+    return symbolic_shapes.hint_int(n)  # older releases
 
 
 def decompositions_changed() -> None:
@@ -111,3 +115,11 @@ def decompositions_changed() -> None:
     cached = getattr(decomposition, "fast_random_decomps", None)
     if hasattr(cached, "cache_clear"):
         cached.cache_clear()
+
+
+def is_dynamo_control_flow(e: BaseException) -> bool:
+    """Dynamo raises some exceptions through a backend to steer its own tracing (restart
+    the analysis with a scalar tensorified, ...): a backend must let them through, not
+    treat them as a failure and fall back."""
+    restart = getattr(getattr(torch._dynamo, "exc", None), "RestartAnalysis", None)  # noqa: SLF001
+    return restart is not None and isinstance(e, restart)

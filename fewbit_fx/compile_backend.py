@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from torch import fx
 
+from fewbit_fx import _compat
 from fewbit_fx.cache_key import with_cache_key
 from fewbit_fx.packing import check_bits
 from fewbit_fx.passes import decide
@@ -51,7 +52,7 @@ def backend(mode: str = "auto", bits: int = 3, overrides: dict[str, str] | None 
             rewrite_graph(gm, planned)
             compiled = compile_fx(gm, example_inputs, config_patches=patches)
         except Exception as e:  # noqa: BLE001 - fall back loudly, never break the model
-            if strict:
+            if strict or _compat.is_dynamo_control_flow(e):
                 raise
             warnings.warn(f"fewbit backend: rewrite failed ({type(e).__name__}: {e}); this graph "
                           "is compiled by plain Inductor instead", RuntimeWarning, stacklevel=2)

@@ -123,7 +123,7 @@ class Inverted(nn.Module):
     def __init__(self, act: nn.Module | Activation) -> None:
         super().__init__()
         self.activation = _activation(act)
-        if self.activation.name in ("elu", "celu") and not self.activation.monotone:
+        if not self.activation.invertible:
             raise ValueError(
                 f"Inverted does not support {self.activation} with alpha <= 0 (torch's "
                 "result-based ELU backward rejects it); use FewBit or keep the module"

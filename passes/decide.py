@@ -11,6 +11,7 @@ import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from fewbit_fx._compat import size_hint
 from fewbit_fx.packing import packed_nbytes
 from fewbit_fx.passes.detect import Site
 from fewbit_fx.passes.saves import SiteSaves
@@ -91,7 +92,7 @@ def decide(site: Site, saves: SiteSaves, mode: str, bits: int, forced: bool = Fa
         return Decision("kept", None, 0, f"no saving possible: {why}")
     candidates = []
     if mode in ("auto", "exact"):
-        if saves.y_mutated:
+        if saves.y_mutated or not site.activation.invertible:
             inverted = None
         else:
             mask = packed_nbytes(saves.numel, 1) if site.activation.saves_mask(saves.dtype) else 0
@@ -103,7 +104,9 @@ def decide(site: Site, saves: SiteSaves, mode: str, bits: int, forced: bool = Fa
         after = packed_nbytes(saves.numel, bits) + 1 + 4 * 2**bits  # codes, non-finite flag, levels
         candidates.append(Decision("fewbit", bits, after, _fewbit_reason(saves, bits)))
     if not candidates:
-        return Decision("kept", None, saves.saved_before, f"{_mutated(saves)}, so it cannot be saved (exact mode)")
+        why = (f"{_mutated(saves)}, so it cannot be saved" if site.activation.invertible
+               else f"Inverted does not support {site.activation} (alpha <= 0)")
+        return Decision("kept", None, saves.saved_before, f"{why} (exact mode)")
     best = min(candidates, key=lambda d: (d.saved_after, d.variant != "inverted"))
     if best.saved_after >= saves.saved_before and not forced:
         return Decision("kept", None, saves.saved_before,
@@ -145,7 +148,7 @@ def _inverted_reason(site: Site, saves: SiteSaves) -> str:
 def _fewbit_reason(saves: SiteSaves, bits: int) -> str:
     """True in every mode: few-bit may be forced (mode="fewbit", an override) where a
     consumer keeps the output, and a formula site may hold several tensors now."""
-    held = 8 * saves.saved_before / max(saves.numel, 1)
+    held = 8 * size_hint(saves.saved_before) / max(size_hint(saves.numel), 1)  # sizes may be symbolic
     cost = f"{bits} bits/elem instead of {held:.3g}" if held else f"{bits} bits/elem"
     if saves.y_mutated:
         return f"{_mutated(saves)}; {cost}"

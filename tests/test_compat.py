@@ -39,3 +39,15 @@ def test_leaving_no_trace_removes_only_new_cache_entries():
         assert len(ef._debug_get_cache_entry_list(ours)) == 1
     assert len(ef._debug_get_cache_entry_list(ours)) == 0
     assert len(ef._debug_get_cache_entry_list(users)) >= 1  # the user's entry survives
+
+
+def test_size_hint_of_a_symbolic_size():
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(_compat.size_hint(t.numel()) for t in example_inputs if isinstance(t, torch.Tensor))
+        return gm.forward
+
+    torch.compile(lambda t: t.sin(), backend=backend, dynamic=True)(torch.randn(3, 5))
+    torch._dynamo.reset()
+    assert 15 in seen and all(isinstance(n, int) for n in seen)

@@ -46,6 +46,12 @@ class Activation:
         return self.spec.monotone(self.p)
 
     @property
+    def invertible(self) -> bool:
+        """Whether Inverted supports it: not ELU/CELU with alpha <= 0 (torch's result-based
+        ELU backward, which the inverse reuses, rejects those)."""
+        return not (self.name in ("elu", "celu") and not self.monotone)
+
+    @property
     def needs_mask(self) -> bool:
         """True when y does not say which branch x was on, so one bit per element is kept:
         non-monotone functions (which side of the minimum) and Softplus with a small
