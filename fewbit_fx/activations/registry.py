@@ -24,12 +24,19 @@ _SQRT_2 = math.sqrt(2.0)
 
 
 # --- closed forms in y ----------------------------------------------------------------------
-def _scaled(derivative: Callable[[Tensor, Tensor | None, Params], Tensor]) -> ClosedForm:
-    """grad * f'(y) with f' evaluated in at least fp32, the result in grad's dtype."""
+def _scaled(derivative: Callable[[Tensor, Tensor | None, Params], Tensor],
+            flat: Callable[[Tensor, Tensor | None, Params], Tensor] | None = None) -> ClosedForm:
+    """grad * f'(y) with f' evaluated in at least fp32, the result in grad's dtype.
+    `flat`: where torch's backward selects 0 instead of multiplying (a NaN or inf
+    gradient arriving there gives 0, not NaN)."""
 
     def grad_from_output(grad: Tensor, y: Tensor, right: Tensor | None, p: Params) -> Tensor:
         compute = torch.promote_types(y.dtype, torch.float32)
-        return (grad.to(compute) * derivative(y.to(compute), right, p)).to(grad.dtype)
+        y = y.to(compute)
+        out = grad.to(compute) * derivative(y, right, p)
+        if flat is not None:
+            out = torch.where(flat(y, right, p), 0.0, out)
+        return out.to(grad.dtype)
 
     return ClosedForm(grad_from_output)
 
@@ -47,8 +54,12 @@ def _hardswish_from_output(y: Tensor, right: Tensor | None, p: Params) -> Tensor
     # y = NaN comes from x = NaN or -inf (-inf * 0); the bit tells them apart (see the
     # entry's mask_bit): NaN for x = NaN on the right, as torch's vectorised loop gives,
     # and 0 for x = -inf on the left.
-    out = torch.where(right & (y >= 3.0), torch.ones_like(y), inside)
-    return torch.where(~right & ~(y < 0), torch.zeros_like(y), out)
+    return torch.where(right & (y >= 3.0), torch.ones_like(y), inside)
+
+
+def _hardswish_flat(y: Tensor, right: Tensor | None, p: Params) -> Tensor:
+    """x <= -3 (y = 0 on the left branch) and x = -inf (y = NaN on the left)."""
+    return ~right & ~(y < 0)
 
 
 def _leaky_from_output(y: Tensor, right: Tensor | None, p: Params) -> Tensor:
@@ -293,11 +304,8 @@ SPECS: dict[str, Spec] = {
     "hardsigmoid": Spec(
         forward=lambda x, p: F.hardsigmoid(x),
         # Slope 1/6 strictly inside (-3, 3), where 0 < y < 1.
-        inverse=_scaled(
-            lambda y, r, p: torch.where(
-                (y > 0) & (y < 1), torch.full_like(y, 1.0 / 6.0), torch.zeros_like(y)
-            )
-        ),
+        inverse=_scaled(lambda y, r, p: torch.full_like(y, 1.0 / 6.0),
+                        flat=lambda y, r, p: ~((y > 0) & (y < 1))),
         kinks=lambda p: [-3.0, 3.0],
         nan_derivative="never",
         functions={F.hardsigmoid: ("inplace",)},
@@ -306,7 +314,7 @@ SPECS: dict[str, Spec] = {
     ),
     "hardswish": Spec(
         forward=lambda x, p: F.hardswish(x),
-        inverse=_scaled(_hardswish_from_output),
+        inverse=_scaled(_hardswish_from_output, flat=_hardswish_flat),
         monotone=lambda p: False,
         x_min=-1.5,
         kinks=lambda p: [-3.0, 3.0],

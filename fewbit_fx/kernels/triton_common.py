@@ -309,7 +309,7 @@ def derivative_times_grad(
         else:
             out = tl.where((y <= P0) | (y >= P1), 0.0, g)
     elif ACT == HARDSIGMOID:
-        out = g * tl.where((y > 0) & (y < 1), ONE_SIXTH, 0.0)
+        out = tl.where((y > 0) & (y < 1), g * ONE_SIXTH, 0.0)  # torch selects 0: NaN g too
     elif ACT == HARDSWISH:  # x = -3/2 +- sqrt(9 + 24 y)/2, f'(x) = (2x + 3)/6
         t = 9.0 + 24.0 * y
         t = tl.where(t < 0.0, 0.0, t)
@@ -317,8 +317,7 @@ def derivative_times_grad(
         is_right = right != 0
         d = tl.where(is_right, root, -root)
         d = tl.where(is_right & (y >= 3.0), 1.0, d)  # identity region x >= 3
-        d = tl.where((right == 0) & ~(y < 0.0), 0.0, d)  # flat region x <= -3, and x = -inf
-        out = g * d
+        out = tl.where((right == 0) & ~(y < 0.0), 0.0, g * d)  # flat: x <= -3, and x = -inf
     elif ACT == LOGSIGMOID:
         out = g * -_expm1(y)
     else:  # SOFTSIGN: (1 - |y|)^2

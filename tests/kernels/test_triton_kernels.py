@@ -191,6 +191,11 @@ def test_non_finite_inputs_match_torch(device, dtype, act):
         inf = x[:9].isinf()  # at NaN torch's own CPU and CUDA kernels disagree (ELU: NaN, 1)
         assert torch.equal(out[:9][inf].isnan(), expected[:9][inf].isnan())
         assert torch.equal(out[:9][inf].nan_to_num(), expected[:9][inf].nan_to_num())
+        # a NaN upstream gradient: 0 where torch's backward selects 0 (flat pieces), else NaN
+        nan_g = torch.full_like(x, float("nan"))
+        out = triton_inverted.inverted_backward(nan_g, y_ref, mask_ref, act.name, act.param_list)
+        expected = ref_inverted._backward(nan_g, y_ref, mask_ref, act.name, act.param_list)
+        assert torch.equal(out[9:].isnan(), expected[9:].isnan())
 
 
 # --- inverted backward: the closed forms ------------------------------------------------
