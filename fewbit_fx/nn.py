@@ -4,7 +4,10 @@
     FewBit(nn.GELU()).fit(x)    # the same, with the table fitted to inputs like x
     Inverted(nn.GELU())         # backward keeps the output y (+1 bit); exact to the floor
 
-Both return exactly what the wrapped module returns and never write into their input.
+Both return exactly what the wrapped module returns. Like it, they write into their
+input only with inplace=True (the default follows the wrapped module's own `inplace`):
+then y lands in x's storage and x is returned, as `nn.SiLU(inplace=True)` does, and
+backward keeps only what the out-of-place variant keeps (fewbit_fx.ops.inplace).
 Under torch.func transforms (grad, jacrev, vmap, functional_call) they run the same
 backward through fewbit_fx.ops.transforms.
 """
@@ -17,6 +20,7 @@ from torch import Tensor, nn
 
 from fewbit_fx import ops
 from fewbit_fx.activations import Activation, from_module
+from fewbit_fx.ops import inplace as inplace_ops
 from fewbit_fx.ops import transforms
 from fewbit_fx.ops._common import check_input
 from fewbit_fx.packing import check_bits
@@ -37,6 +41,15 @@ def _needs_saving(x: Tensor) -> bool:
     return torch.is_grad_enabled() and x.requires_grad
 
 
+def _inplace(act: nn.Module | Activation, inplace: bool | None) -> bool:
+    """inplace=None: as the wrapped module (nn.SiLU(inplace=True) writes into x)."""
+    if inplace is None:
+        return isinstance(act, nn.Module) and getattr(act, "inplace", False) is True
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be True, False or None (as the wrapped module), got {inplace!r}")
+    return inplace
+
+
 class FewBit(nn.Module):
     """Few-bit backward: stores the b-bit interval of x, backward uses the optimal level."""
 
@@ -46,11 +59,13 @@ class FewBit(nn.Module):
         bits: int = 3,
         density: Callable | None = None,
         refit_every: int | None = None,
+        inplace: bool | None = None,
     ) -> None:
         super().__init__()
         from fewbit_fx.tables import optimal_table
 
         self.activation = _activation(act)
+        self.inplace = _inplace(act, inplace)
         self.bits = check_bits(bits)
         self.fitted_on: int | None = None  # how many observed inputs the table was fitted to
         self.schedule_refits(refit_every)
@@ -105,8 +120,11 @@ class FewBit(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, "FewBit")  # also without grad: the same inputs work in both modes
         if not _needs_saving(x):
-            return self.activation.forward(x)
+            return self.activation.forward_(x) if self.inplace else self.activation.forward(x)
         self._maybe_refit(x)
+        if self.inplace:
+            return inplace_ops.fewbit_forward_(x, self.activation.name, self.activation.param_list,
+                                               self.borders, self.levels, self.bits)
         op = transforms.fewbit_forward if transforms.active() else ops.fewbit_forward
         y, _ = op(x, self.activation.name, self.activation.param_list, self.borders, self.levels, self.bits)
         return y
@@ -114,15 +132,17 @@ class FewBit(nn.Module):
     def extra_repr(self) -> str:
         fitted = f", fitted_on={self.fitted_on}" if self.fitted_on else ""
         refit = f", refit_every={self.refit_every}" if self.refit_every else ""
-        return f"{self.activation}, bits={self.bits}{fitted}{refit}"
+        inplace = ", inplace=True" if self.inplace else ""
+        return f"{self.activation}, bits={self.bits}{fitted}{refit}{inplace}"
 
 
 class Inverted(nn.Module):
     """Inverted activation: backward keeps the output (shared with the next layer)."""
 
-    def __init__(self, act: nn.Module | Activation) -> None:
+    def __init__(self, act: nn.Module | Activation, inplace: bool | None = None) -> None:
         super().__init__()
         self.activation = _activation(act)
+        self.inplace = _inplace(act, inplace)
         if not self.activation.invertible:
             raise ValueError(
                 f"Inverted does not support {self.activation} with alpha <= 0 (torch's "
@@ -132,13 +152,15 @@ class Inverted(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, "Inverted")  # also without grad: the same inputs work in both modes
         if not _needs_saving(x):
-            return self.activation.forward(x)
+            return self.activation.forward_(x) if self.inplace else self.activation.forward(x)
+        if self.inplace:
+            return inplace_ops.inverted_forward_(x, self.activation.name, self.activation.param_list)
         op = transforms.inverted_forward if transforms.active() else ops.inverted_forward
         y, _ = op(x, self.activation.name, self.activation.param_list)
         return y
 
     def extra_repr(self) -> str:
-        return str(self.activation)
+        return f"{self.activation}, inplace=True" if self.inplace else str(self.activation)
 
 
 __all__ = ["FewBit", "Inverted"]

@@ -83,9 +83,6 @@ def decide(site: Site, saves: SiteSaves, mode: str, bits: int, forced: bool = Fa
     here (a module shared with sites where it does save)."""
     if mode == "keep":
         return Decision("kept", None, saves.saved_before, "kept by an override")
-    if saves.x_reused_after:
-        return Decision("kept", None, saves.saved_before,
-                        "in-place activation whose input is read again later")
     if saves.saved_before == 0 and not forced:
         why = (f"its input is kept anyway by {saves.x_kept_by[0]}" if saves.x_kept_by
                else "it keeps nothing that others do not keep already")
@@ -101,7 +98,9 @@ def decide(site: Site, saves: SiteSaves, mode: str, bits: int, forced: bool = Fa
         if inverted is not None:
             candidates.append(inverted)
     if mode in ("auto", "fewbit"):
-        after = packed_nbytes(saves.numel, bits) + 1 + 4 * 2**bits  # codes, non-finite flag, levels
+        # codes and the non-finite flag byte; the levels are the module's buffer, kept once
+        # for all calls (like parameters, not counted)
+        after = packed_nbytes(saves.numel, bits) + 1
         candidates.append(Decision("fewbit", bits, after, _fewbit_reason(saves, bits)))
     if not candidates:
         why = (f"{_mutated(saves)}, so it cannot be saved" if site.activation.invertible

@@ -105,6 +105,11 @@ class Site:
         return f"{owner}:{self.activation.name}#{self.occurrence}"
 
     @property
+    def kind(self) -> str:
+        """What the report calls it: `silu`, `silu (in-place)`."""
+        return f"{self.activation} (in-place)" if self.inplace else str(self.activation)
+
+    @property
     def rewrite_key(self) -> tuple:
         """Sites sharing a key are rewritten together: a module called several times, or
         one call in the source that ran several times (a loop) for the same owner."""

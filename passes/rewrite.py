@@ -26,8 +26,8 @@ _REPLACED = "_fewbit_replaced"  # on a FewBit/Inverted module: the activation mo
 
 def build_module(site: Site, decision: Decision) -> nn.Module:
     if decision.variant == "inverted":
-        return Inverted(site.activation)
-    return FewBit(site.activation, bits=decision.bits)
+        return Inverted(site.activation, inplace=site.inplace)
+    return FewBit(site.activation, bits=decision.bits, inplace=site.inplace)
 
 
 @dataclass
@@ -85,9 +85,6 @@ def _stage_functional(owner: nn.Module, planned: list[Planned], failures: dict, 
     by_method: dict[str, list[Planned]] = {}
     for p in planned:
         try:
-            if p.site.inplace:
-                raise CannotRewrite("an in-place functional call stays as written (its result "
-                                    "must stay in its input's storage)")
             if p.site.call_site is None:
                 raise CannotRewrite("the captured graph does not say where the call is in the source")
             by_method.setdefault(locate(owner, p.site.call_site), []).append(p)
@@ -103,7 +100,7 @@ def _stage_functional(owner: nn.Module, planned: list[Planned], failures: dict, 
             child = _free_name(owner, f"fewbit_{p.site.activation.name}_{index}", children)
             index += 1
             children[child] = build_module(p.site, p.decision).train(owner.training)
-            targets.append(Target(c.lineno, c.callee, c.method, child, p.site.activation))
+            targets.append(Target(c.lineno, c.callee, c.method, child, p.site.activation, p.site.inplace))
         try:
             rewritten = build(owner, name, tuple(targets), owner.__dict__.get(name))
         except CannotRewrite as e:

@@ -3,8 +3,16 @@
 
 Tensors are grouped into storage families: a view, reshape, permute, eval-mode dropout or
 same-dtype cast shares its input's storage, so "the next Linear saves y" is seen through
-them. An op this table does not know is assumed to keep all its tensor inputs: that errs
-toward exact gradients (inverted) and toward leaving a site alone, never toward a loss.
+them. An in-place activation (`F.silu(x, inplace=True)`, `x.sigmoid_()`, a module with
+inplace=True) puts a new value into that storage: uses of x after it read y, and what it
+keeps itself (autograd's copy of the original x) is x's old value, so the two are separate
+families ("values") of one storage.
+
+An op the table does not know is run once on meta tensors under saved_tensors_hooks
+(`_probed_saves`): what autograd's derivative formula actually keeps, for any torch op
+(adaptive_avg_pool2d's global pooling keeps nothing, max_pool2d its input). Where even
+that fails it is assumed to keep all its tensor inputs: that errs toward exact gradients
+(inverted) and toward leaving a site alone, never toward a loss.
 """
 from __future__ import annotations
 
@@ -141,7 +149,77 @@ def saved_inputs(node: fx.Node) -> tuple[list[fx.Node], bool]:
         act, inplace = found  # what torch's backward keeps: the registry says
         keeps_result = act.spec.saves_result or (inplace and act.spec.saves_result_inplace)
         return ([node] if keeps_result else [args[0]]), True
+    probed = _probed_saves(node)
+    if probed is not None:
+        return probed, True
     return tensors, False  # unknown: assume it keeps every tensor input
+
+
+# --- what autograd keeps, read off the op itself ------------------------------------------
+_PROBE_MODULES = ("torch", "operator", "math", "builtins")
+# torch modules whose functions act beyond their arguments (communication, devices,
+# autograd and compiler state, higher-order ops with subgraphs): never run by the probe
+_NOT_PROBED = ("torch.distributed", "torch._C._distributed", "torch.cuda", "torch._dynamo",
+               "torch.autograd", "torch.utils", "torch._higher_order_ops", "torch._functorch")
+
+
+def _probed_saves(node: fx.Node) -> list[fx.Node] | None:
+    """The tensor arguments (and the node itself, for its output) that autograd keeps when
+    the op runs: the op called once on meta tensors of the same shapes, strides, dtypes and
+    requires_grad under saved_tensors_hooks. None when it cannot be probed (a user
+    function, which may have side effects; an op without a meta kernel)."""
+    if node.op == "call_function":
+        module = getattr(node.target, "__module__", None) or ""
+        if module.split(".")[0] not in _PROBE_MODULES or module.startswith(_NOT_PROBED) or \
+                isinstance(node.target, torch._ops.HigherOrderOperator):
+            return None
+    elif node.op != "call_method":
+        return None
+    tensors: dict[fx.Node, torch.Tensor] = {}
+
+    def meta(a):
+        if isinstance(a, fx.Node):
+            v = example_value(a)
+            if isinstance(v, torch.Tensor):
+                if a not in tensors:
+                    tensors[a] = _meta_like(v)
+                return tensors[a]
+            return _hinted(v)
+        return a
+
+    try:
+        args = fx.node.map_aggregate(node.args, meta)
+        kwargs = fx.node.map_aggregate(node.kwargs, meta)
+        kept: list[torch.Tensor] = []
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(
+                lambda t: kept.append(t) or t, lambda t: t):
+            if node.op == "call_method":
+                out = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:
+                out = node.target(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - no meta kernel, data-dependent, ...: not probed
+        return None
+    outputs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)]
+    found = [n for n, t in tensors.items() if any(k is t for k in kept)]
+    if any(k is o for k in kept for o in outputs) and node not in found:
+        found.append(node)
+    return found
+
+
+def _meta_like(v: torch.Tensor) -> torch.Tensor:
+    """A meta tensor like v; not a leaf, so in-place methods may run on it."""
+    shape = tuple(_hinted(d) for d in v.shape)
+    stride = tuple(_hinted(d) for d in v.stride())
+    t = torch.empty_strided(shape, stride, dtype=v.dtype, device="meta")
+    if v.requires_grad and (v.is_floating_point() or v.is_complex()):
+        t = t.requires_grad_().clone()
+    return t
+
+
+def _hinted(v):
+    from fewbit_fx._compat import size_hint
+
+    return size_hint(v) if isinstance(v, torch.SymInt) else v
 
 
 def _is_view(node: fx.Node) -> bool:
@@ -167,9 +245,7 @@ def _is_view(node: fx.Node) -> bool:
         training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
         p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
         return not training or p == 0
-    return node.kwargs.get("inplace", False) is True or t in (
-        operator.iadd, operator.isub, operator.imul, operator.itruediv
-    )
+    return t is not operator.setitem and _mutates(node)  # in-place ops return their input
 
 
 def _advanced_index(node: fx.Node) -> bool:
@@ -217,35 +293,70 @@ def _writes_first_argument(name: str | None) -> bool:
 
 @dataclass
 class GraphSaves:
-    """Storage families of one graph and who keeps each for backward."""
+    """Storage families of one graph ("values": an in-place activation starts a new one in
+    the same storage) and who keeps each for backward."""
 
-    family: dict[fx.Node, fx.Node]            # node -> family root
-    keepers: dict[fx.Node, list[fx.Node]]     # family root -> nodes that keep it
-    unknown: dict[fx.Node, list[str]]         # family root -> unknown ops that may keep it
-    escapes: set[fx.Node]                     # family roots returned from the graph
+    family: dict[fx.Node, fx.Node]            # node -> value root when the node was made
+    keepers: dict[fx.Node, list[fx.Node]]     # value root -> nodes that keep it
+    unknown: dict[fx.Node, list[str]]         # value root -> unknown ops that may keep it
+    escapes: set[fx.Node]                     # value roots returned from the graph
+    mutations: dict[fx.Node, list[fx.Node]] = field(default_factory=dict)  # value root -> ops writing it
+    final: dict[fx.Node, fx.Node] = field(default_factory=dict)  # node -> value root its storage ends with
+    read: dict[fx.Node, dict[fx.Node, fx.Node]] = field(default_factory=dict)  # node -> {input: value read}
+
+    def value(self, node: fx.Node, at: fx.Node) -> fx.Node:
+        """The value root `node` holds when `at` reads it (`at` itself: its own output)."""
+        if node is at:
+            return self.family[node]
+        return self.read.get(at, {}).get(node, self.family[node])
 
     def members(self, root: fx.Node) -> list[fx.Node]:
         return [n for n, r in self.family.items() if r is root]
 
+    def returned(self, root: fx.Node) -> list[fx.Node]:
+        """The graph outputs that hold the value `root` when the graph returns."""
+        out = next(iter(reversed(root.graph.nodes)))
+        return [m for m in out.all_input_nodes if self.final.get(m) is root]
+
+
+def _new_value(node: fx.Node) -> bool:
+    """An in-place activation: its result is a new value in its input's storage."""
+    found = activation_of_node(node)
+    return found is not None and found[1]
+
 
 def analyse_graph(graph: fx.Graph) -> GraphSaves:
     family: dict[fx.Node, fx.Node] = {}
-    for node in graph.nodes:
-        src = node.args[0] if node.args else None
-        family[node] = family.get(src, src) if isinstance(src, fx.Node) and _is_view(node) else node
+    storage: dict[fx.Node, fx.Node] = {}   # node -> the node that made its storage
+    current: dict[fx.Node, fx.Node] = {}   # storage -> the value it holds now
     keepers: dict[fx.Node, list[fx.Node]] = {}
     unknown: dict[fx.Node, list[str]] = {}
+    mutations: dict[fx.Node, list[fx.Node]] = {}
+    read: dict[fx.Node, dict[fx.Node, fx.Node]] = {}
     escapes: set[fx.Node] = set()
     for node in graph.nodes:
+        src = node.args[0] if node.args else None
+        if isinstance(src, fx.Node) and src in storage and _is_view(node):
+            storage[node] = storage[src]
+            family[node] = node if _new_value(node) else current[storage[src]]
+        else:
+            storage[node] = current[node] = family[node] = node
         if node.op == "output":
-            escapes.update(family[a] for a in node.all_input_nodes)
+            escapes.update(current[storage[a]] for a in node.all_input_nodes if a in storage)
             continue
+        read[node] = {a: current[storage[a]] for a in node.all_input_nodes if a in storage}
         kept, known = saved_inputs(node)
         for k in kept:
-            keepers.setdefault(family[k], []).append(node)
+            root = family[node] if k is node else read[node].get(k, k)
+            keepers.setdefault(root, []).append(node)
             if not known:
-                unknown.setdefault(family[k], []).append(_describe(node))
-    return GraphSaves(family, keepers, unknown, escapes)
+                unknown.setdefault(root, []).append(_describe(node))
+        if isinstance(src, fx.Node) and src in storage and _mutates(node):
+            mutations.setdefault(current[storage[src]], []).append(node)
+            if family[node] is node:  # an in-place activation: later reads see its result
+                current[storage[src]] = node
+    final = {n: current[s] for n, s in storage.items()}
+    return GraphSaves(family, keepers, unknown, escapes, mutations, final, read)
 
 
 @dataclass
@@ -258,10 +369,8 @@ class LaterGraphs:
     def follow(self, root: fx.Node, gs: GraphSaves, depth: int = 4) -> tuple[list[str], bool, bool]:
         """(who keeps the family of `root` in later graphs, whether it may be modified in
         place there or in between, whether it reaches the caller or an unseen place)."""
-        out = root.graph.output_node()
-        returned = [m for m in gs.members(root) if m in out.all_input_nodes]
         kept, mutated, unseen = [], False, False
-        for m in returned:
+        for m in gs.returned(root):
             links = self.links.get(m, [])
             if not links or depth == 0:
                 unseen = True
@@ -273,8 +382,7 @@ class LaterGraphs:
                     continue
                 r = later.family[link.placeholder]
                 kept += [f"{_describe(k)} (in a later graph)" for k in later.keepers.get(r, [])]
-                mutated |= link.changed_between or any(
-                    _mutates(u) for n in later.members(r) for u in n.users)
+                mutated |= link.changed_between or bool(later.mutations.get(r))
                 if r in later.escapes:
                     k2, m2, u2 = self.follow(r, later, depth - 1)
                     kept, mutated, unseen = kept + k2, mutated or m2, unseen or u2
@@ -296,7 +404,6 @@ class SiteSaves:
     x_kept_by: list[str] = field(default_factory=list)
     y_mutated: bool = False            # an in-place op changes y later: saving y is unsafe
     y_leaves_graph: bool = False       # y is returned from the captured graph (may be changed there)
-    x_reused_after: bool = False       # in-place site whose input is read again
 
     @property
     def y_bytes(self) -> int:
@@ -311,10 +418,10 @@ def analyse_site(site: Site, gs: GraphSaves, compiled: bool = False,
     that goes nowhere seen (the caller) counts as kept, and as possibly modified in place."""
     inside = set(site.nodes)
     y = example_value(site.output)
-    y_root, x_root = gs.family[site.output], gs.family[site.input]
+    y_root, x_root = gs.family[site.output], gs.value(site.input, site.nodes[0])
     recomputed = _recomputed_by(site, gs) if compiled else []
     norm = _normalized_by(x_root) if compiled else None
-    own = {gs.family[k] for n in site.nodes for k in saved_inputs(n)[0]}
+    own = {gs.value(k, n) for n in site.nodes for k in saved_inputs(n)[0]}
     downstream = {root: later.follow(root, gs) for root in own | {y_root} if root in gs.escapes}
     before = 0
     for root in own:
@@ -341,16 +448,12 @@ def analyse_site(site: Site, gs: GraphSaves, compiled: bool = False,
     if norm is not None:
         x_kept.append(f"{_describe(norm)} (torch.compile recomputes it from the norm's input, "
                       "which the norm keeps)")
-    members_y = gs.members(y_root)
     # An output that leaves for where the analysis cannot see (the model's return, a graph
     # it did not capture) may be changed in place there; saving it would then crash.
-    y_mutated = y_later_mutated or any(
-        _mutates(u) and u not in inside for m in members_y for u in m.users
-    )
-    x_reused = site.inplace and _read_after(site, gs)
+    y_mutated = y_later_mutated or any(u not in inside for u in gs.mutations.get(y_root, []))
     return SiteSaves(
         numel=y.numel(), dtype=y.dtype, shape=tuple(y.shape), saved_before=before,
-        y_kept_by=y_kept, x_kept_by=x_kept, y_mutated=y_mutated, x_reused_after=x_reused,
+        y_kept_by=y_kept, x_kept_by=x_kept, y_mutated=y_mutated,
         y_leaves_graph=y_root in downstream and downstream[y_root][2],
     )
 
@@ -392,16 +495,6 @@ def _pointwise_keeper(node: fx.Node) -> bool:
         return node.target in _POINTWISE_KEEPER_METHODS
     return node.op == "call_function" and (
         node.target in _POINTWISE_KEEPERS or activation_of_node(node) is not None)
-
-
-def _read_after(site: Site, gs: GraphSaves) -> bool:
-    """For in-place sites: is the input read by anything other than the site?"""
-    order = {n: i for i, n in enumerate(site.output.graph.nodes)}
-    pos = order[site.nodes[0]]
-    # Aliases of x made before the call; the site's output aliases x too, but reading it
-    # afterwards is reading y, which the rewrite preserves.
-    members = [m for m in gs.members(gs.family[site.input]) if order[m] < pos]
-    return any(order[u] > pos for m in members for u in m.users if u not in site.nodes)
 
 
 def _family_bytes(root: fx.Node, gs: GraphSaves) -> int:

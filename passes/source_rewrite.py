@@ -9,7 +9,7 @@ activation calls on the site's line replaced by a dispatcher. Everything else is
 user's code as written: same globals, closure, defaults, file and line numbers.
 
 At run time the dispatcher checks that the call is the planned activation (same function
-family, same parameters, out of place, on a tensor) and then runs the FewBit/Inverted
+family, same parameters, in place or not as planned, on a tensor) and then runs the FewBit/Inverted
 child module registered on the owner; any other call runs exactly as written. The
 rewritten function is installed on the instance only, as a callable object that pickles
 and deep-copies by rebuilding itself from the source (`_Rewritten.__reduce__`).
@@ -44,6 +44,7 @@ class Target:
     method: bool
     child: str
     activation: object  # fewbit_fx.activations.Activation
+    inplace: bool = False  # the planned call writes into its input (the child does too)
 
 
 # --- run time ----------------------------------------------------------------------------
@@ -53,7 +54,7 @@ def _dispatch(owner: nn.Module, target: Target, fn, *args, **kwargs):
     site = owner._modules.get(target.child)
     if site is not None and args and isinstance(args[0], torch.Tensor):
         found = activation_of_call(fn, args, kwargs)
-        if found is not None and found == (target.activation, False):
+        if found is not None and found == (target.activation, target.inplace):
             return site(args[0])
     return fn(*args, **kwargs)
 
@@ -63,7 +64,7 @@ def _dispatch_method(owner: nn.Module, target: Target, obj, name: str, *args, **
     site = owner._modules.get(target.child)
     if site is not None and isinstance(obj, torch.Tensor):
         found = activation_of_call(name, (obj, *args), kwargs, method=True)
-        if found is not None and found == (target.activation, False):
+        if found is not None and found == (target.activation, target.inplace):
             return site(obj)
     return getattr(obj, name)(*args, **kwargs)
 

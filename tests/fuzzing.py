@@ -662,27 +662,30 @@ class _ReferenceFewBit(torch.autograd.Function):
     (and at x = NaN unless the activation's derivative is never NaN)."""
 
     @staticmethod
-    def forward(ctx, x, act: Activation, borders, levels):
+    def forward(ctx, x, act: Activation, borders, levels, inplace: bool):
         dt = torch.promote_types(x.dtype, torch.float32)
         codes = torch.bucketize(x.to(dt).contiguous(), borders.to(dt))
         nan = act.derivative(x).isnan()
         if act.spec.nan_derivative != "never":
             nan |= x.isnan()
         ctx.save_for_backward(codes, levels, nan)
-        return act.forward(x)
+        if not inplace:
+            return act.forward(x)
+        ctx.mark_dirty(x)  # in place (inplace=True modules): y in x's storage, as the module
+        return x.copy_(act.forward(x))
 
     @staticmethod
     def backward(ctx, g):
         codes, levels, nan = ctx.saved_tensors
         dt = torch.promote_types(g.dtype, torch.float32)
         out = (g.to(dt) * levels.to(dt)[codes]).to(g.dtype)
-        return out.masked_fill(nan, math.nan), None, None, None
+        return out.masked_fill(nan, math.nan), None, None, None, None
 
 
 def _reference_fewbit_forward(self: FewBit, x: Tensor) -> Tensor:
     if not (torch.is_grad_enabled() and x.requires_grad):
-        return self.activation.forward(x)
-    return _ReferenceFewBit.apply(x, self.activation, self.borders, self.levels)
+        return self.activation.forward_(x) if self.inplace else self.activation.forward(x)
+    return _ReferenceFewBit.apply(x, self.activation, self.borders, self.levels, self.inplace)
 
 
 @contextlib.contextmanager
@@ -816,7 +819,7 @@ def check_inverted_site(module: Inverted, x: Tensor, seed: int) -> list[str]:
     """Elementwise bound of an Inverted module on the inputs it saw (module docstring)."""
     act = module.activation
     xr = x.detach().clone().requires_grad_(True)
-    y = module(xr)
+    y = module(xr * 1)
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x.dtype)
     (ours,) = torch.autograd.grad(y, xr, g)
     xt = x.detach().clone().requires_grad_(True)
@@ -839,7 +842,7 @@ def check_inverted_site(module: Inverted, x: Tensor, seed: int) -> list[str]:
     # a NaN upstream gradient: NaN exactly where torch's backward gives NaN (its kernels
     # select 0 where f is flat, rather than multiply)
     nan_g = torch.full_like(g, math.nan)
-    (ours_nan,) = torch.autograd.grad(module(xr), xr, nan_g)
+    (ours_nan,) = torch.autograd.grad(module(xr * 1), xr, nan_g)
     (torch_nan,) = torch.autograd.grad(act.forward(xt), xt, nan_g)
     bad = fin & (ours_nan.isnan() != torch_nan.isnan())
     if bad.any():

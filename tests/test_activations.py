@@ -296,9 +296,6 @@ def test_selu_constants():
 # computes something else, a wrong claim about what torch keeps, a missing inverse or
 # kernel branch). The math of each entry is checked above and, over SUPPORTED, in
 # tests/ops (inverted and few-bit gradients) and tests/kernels.
-# torch's in-place leaky_relu_ keeps its result, but saves.py has always modelled it as
-# keeping the input (harmless: in place, x and y are one storage). Kept as it was.
-TORCH_KEEPS_RESULT_IN_PLACE_UNMODELLED = {"leaky_relu"}
 
 
 def _x(dtype=torch.float64):
@@ -427,7 +424,7 @@ def test_saves_says_what_torch_keeps(name):
         if "inplace" in arg_names:
             torch_says = _torch_keeps_result(lambda x: target(x, inplace=True), True)
             assert _saves_result(target, {"inplace": True}) == in_place, target
-            assert torch_says == in_place or name in TORCH_KEEPS_RESULT_IN_PLACE_UNMODELLED, target
+            assert torch_says == in_place, target  # in place: its result, or a copy of x
     for target in spec.inplace_functions:
         assert _saves_result(target, {}) == in_place == _torch_keeps_result(target, True), target
     for m in spec.methods:

@@ -23,7 +23,7 @@ from torch import nn
 
 import fewbit_fx
 import fuzzing
-from fewbit_fx.activations import SUPPORTED
+from fewbit_fx.activations import SUPPORTED, from_module
 from fewbit_fx.nn import Inverted
 
 EAGER_SEEDS = range(0, 1000)      # checked in order until the budget is spent
@@ -169,6 +169,24 @@ def test_inverted_saturated_element_with_nan_upstream_gradient(act, dtype, n):
     act(theirs).backward(g)
     assert torch.equal(ours.grad.isnan(), theirs.grad.isnan()), (ours.grad[:7], theirs.grad[:7])
     assert torch.equal(ours.grad.nan_to_num(), theirs.grad.nan_to_num())
+
+
+@pytest.mark.parametrize("act, dtype", [(nn.CELU(0.3), torch.bfloat16), (nn.CELU(0.3), torch.float16),
+                                        (nn.ELU(0.7), torch.float16)], ids=["celu0.3-bf16", "celu0.3-fp16", "elu0.7-fp16"])
+def test_inverted_elu_family_where_the_saturated_output_rounds_below_minus_alpha(act, dtype):
+    # was (seed 20261415): bf16(-0.3) = -0.30078 < -alpha, so torch's result-based formula
+    # gave f' = (y + alpha)/alpha < 0 where the true f' is in [0, 1e-3]
+    x = torch.linspace(-12, 0, 4001).to(dtype)
+    xr = x.clone().requires_grad_()
+    y = Inverted(act)(xr)
+    y.backward(torch.ones_like(y))
+    low = y.detach().float() + act.alpha < 0
+    assert low.any()  # the case is there
+    assert (xr.grad >= 0).all()
+    floor = fuzzing.inverted_floor(from_module(act), x, y.detach())
+    true = torch.exp(x.double() / act.alpha) if isinstance(act, nn.CELU) else act.alpha * torch.exp(x.double())
+    err = (xr.grad.double() - true).abs()
+    assert (err[low] <= 2 * floor[low] + 2 * torch.finfo(dtype).eps).all()
 
 
 @pytest.mark.parametrize("after", [nn.LayerNorm(4), nn.Dropout(0.3)], ids=["layernorm", "dropout"])

@@ -171,9 +171,9 @@ def test_forward_is_bitwise_the_module(name, dtype, requires_grad, variant, stub
 @pytest.mark.parametrize("variant", ["fewbit", "inverted"])
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
 @pytest.mark.parametrize("name", list(INPLACE_MODULES))
-def test_inplace_modules_never_write_the_input(name, requires_grad, variant, stub_tables):
+def test_inplace_false_never_writes_the_input(name, requires_grad, variant, stub_tables):
     module = INPLACE_MODULES[name]()
-    wrapper = FewBit(module, bits=2) if variant == "fewbit" else Inverted(module)
+    wrapper = FewBit(module, bits=2, inplace=False) if variant == "fewbit" else Inverted(module, inplace=False)
     x = make_x(module, torch.float32, n=1000)
     expected = module(x.clone())  # the in-place module on a throwaway copy
     x.requires_grad_(requires_grad)
@@ -182,6 +182,55 @@ def test_inplace_modules_never_write_the_input(name, requires_grad, variant, stu
     assert torch.equal(x.detach(), before)
     assert y.data_ptr() != x.data_ptr()
     assert torch.equal(y.detach(), expected)
+
+
+@pytest.mark.parametrize("variant", ["fewbit", "inverted"])
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+@pytest.mark.parametrize("name", list(INPLACE_MODULES))
+def test_inplace_modules_write_in_place_as_the_module_does(name, requires_grad, variant, stub_tables):
+    """inplace defaults to the wrapped module's: y in x's storage, x returned, the values
+    torch's in-place op computes; gradients as the out-of-place wrapper's."""
+    module = INPLACE_MODULES[name]()
+    make = (lambda **kw: FewBit(module, bits=2, **kw)) if variant == "fewbit" else (lambda **kw: Inverted(module, **kw))
+    wrapper, reference = make(), make(inplace=False)
+    assert wrapper.inplace and not reference.inplace
+    x = make_x(module, torch.float32, n=1000)
+    expected = module(x.clone())
+    leaf = x.clone().requires_grad_(requires_grad)
+    h = leaf * 1.0  # in place on a non-leaf, as in a network
+    out = wrapper(h)
+    assert out is h and torch.equal(h.detach(), expected)
+    if requires_grad:
+        g = torch.randn_like(x)
+        (got,) = torch.autograd.grad(out, leaf, g)
+        ref_leaf = x.clone().requires_grad_(True)
+        (want,) = torch.autograd.grad(reference(ref_leaf * 1.0), ref_leaf, g)
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("variant", ["fewbit", "inverted"])
+def test_inplace_wrapper_keeps_only_what_the_out_of_place_one_keeps(variant, stub_tables):
+    """torch's in-place SiLU keeps a copy of x; the in-place wrapper keeps y's storage
+    (x's own, which the next layer keeps anyway) or the codes."""
+    from fewbit_fx.measure import saved_bytes
+
+    torch.manual_seed(0)
+    lin1, lin2 = nn.Linear(64, 256), nn.Linear(256, 8)
+    x = torch.randn(512, 64)
+
+    def step(act):
+        rec = saved_bytes(lambda: lin2(act(lin1(x))).sum(),
+                          exclude=list(lin1.parameters()) + list(lin2.parameters()))
+        rec.loss.backward()
+        return rec.bytes
+
+    make = (lambda **kw: FewBit(nn.SiLU(inplace=True), bits=2, **kw)) if variant == "fewbit" \
+        else (lambda **kw: Inverted(nn.SiLU(inplace=True), **kw))
+    plain, out_of_place, in_place = step(nn.SiLU(inplace=True)), step(make(inplace=False)), step(make())
+    assert in_place == out_of_place < plain - 512 * 256 * 4 + 512 * 256 // 2
+    assert make(inplace=None).inplace and not make(inplace=False).inplace
+    with pytest.raises(TypeError, match="inplace must be"):
+        make(inplace="yes")
 
 
 def test_no_grad_mode_is_plain_forward(stub_tables):

@@ -107,8 +107,23 @@ class Activation:
 
     # --- math -------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        """Exactly what the torch module computes (never in place)."""
+        """Exactly what the torch module computes (never in place; see forward_)."""
         return self.spec.forward(x, self.p)
+
+    def forward_(self, x: Tensor) -> Tensor:
+        """f(x) written into x's own storage, returning x: torch's own in-place op where
+        there is one (so the values are those the user's in-place call computes), else
+        f(x) copied in."""
+        spec = self.spec
+        for fn, args in spec.functions.items():
+            if "inplace" in args and set(self.p) <= set(args):
+                return fn(x, **self.p, inplace=True)
+        if not self.params:
+            for fn in spec.inplace_functions:
+                return fn(x)
+            for method in spec.inplace_methods:
+                return getattr(x, method)()
+        return x.copy_(self.forward(x))
 
     def derivative(self, x: Tensor) -> Tensor:
         """f'(x) with torch autograd's convention at kinks (reference, any dtype)."""

@@ -80,6 +80,13 @@ def _elu_family(alpha: float, scale: float, input_scale: float) -> tuple[ClosedF
 
     def grad_from_output(grad: Tensor, y: Tensor, right: Tensor | None, p: Params) -> Tensor:
         a, s, i = _elu_coefficients(p, alpha, scale, input_scale)
+        if y.dtype in (torch.float16, torch.bfloat16):
+            # The saturated y rounds to the dtype's -alpha*scale, which may lie below the
+            # real one (bf16(-0.3) = -0.30078): torch's result-based formula would give a
+            # negative f'. In fp32, as torch's half kernel computes, with y kept at or above
+            # it; elsewhere the same value as torch's, rounded once.
+            y32 = torch.clamp_min(y.float(), -float(np.float32(a) * np.float32(s)))
+            return torch.ops.aten.elu_backward(grad.float(), a, s, i, True, y32).to(grad.dtype)
         return torch.ops.aten.elu_backward(grad, a, s, i, True, y)
 
     def scalars(p: Params) -> tuple[float, float, float]:
@@ -264,6 +271,7 @@ SPECS: dict[str, Spec] = {
         nan_derivative="never",
         functions={F.leaky_relu: ("negative_slope", "inplace")},
         modules=(nn.LeakyReLU,),
+        saves_result_inplace=True,  # leaky_relu_ keeps its result (leaky_relu keeps x)
         kernel=Kernel(8, lambda p: (p["negative_slope"], 0.0, 0.0)),
     ),
     "relu": Spec(

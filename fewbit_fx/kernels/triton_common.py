@@ -294,7 +294,8 @@ def derivative_times_grad(
             linear = y * P0 > P1
         out = g * tl.where(linear, 1.0, -_expm1(-P0 * y))
     elif ACT == ELU:
-        out = tl.where(y <= 0, g * P2 * (y + P1), g * P0)
+        # y + P1 >= 0: a half y saturated at -alpha*scale may round below it (bf16(-0.3))
+        out = tl.where(y <= 0, g * P2 * tl.maximum(y + P1, 0.0), g * P0)
     elif ACT == LEAKY_RELU:
         if NEEDS_MASK:
             positive = right != 0

@@ -33,15 +33,22 @@ def fewbit_forward(
 ) -> tuple[Tensor, Tensor]:
     """(f(x), packed codes + flag byte). `levels` is unused here; it is an input so
     autograd saves it."""
+    check_input(x, "FewBit")
+    packed = codes(x, act, params, borders, levels, bits)  # first: its temporaries are gone before y
+    return from_op_args(act, params).forward(x), packed
+
+
+def codes(x: Tensor, act: str, params: list[float], borders: Tensor, levels: Tensor, bits: int) -> Tensor:
+    """The packed codes + flag byte fewbit_forward saves, without computing y: the
+    in-place variant (ops.inplace) writes y over x after this."""
     if cpu_kernels.usable(x):
-        check_input(x, "FewBit")
         packed = cpu_kernels.fewbit_codes(x, act, params, borders, levels, bits)
         if packed is not None:
-            return from_op_args(act, params).forward(x), packed
-    if not chunkable(x):
-        return _forward(x, act, params, borders, bits)
-    check_input(x, "FewBit")
+            return packed
     a, dt = from_op_args(act, params), compare_dtype(x.dtype)
+    if not chunkable(x):
+        xs = x.to(dt).contiguous()  # bucketize would copy anyway, with a warning
+        return torch.cat([pack(torch.bucketize(xs, borders.to(dt)), bits), _flag(a, xs)])
     flat, b = x.view(-1), borders.to(dt)
     packed = x.new_empty(packed_nbytes(x.numel(), bits) + 1, dtype=torch.uint8)
     packed[-1:] = 0
@@ -49,7 +56,7 @@ def fewbit_forward(
         xs = flat[s:e].to(dt)
         packed[s * bits // 8:(e * bits + 7) // 8] = pack(torch.bucketize(xs, b), bits)
         packed[-1:] |= _flag(a, xs)
-    return a.forward(x), packed
+    return packed
 
 
 def _forward(x, act, params, borders, bits, search=torch.bucketize):

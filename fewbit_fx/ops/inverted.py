@@ -20,19 +20,27 @@ from fewbit_fx.packing import pack, packed_nbytes
 @torch.library.custom_op("fewbit_fx::inverted_forward", mutates_args=())
 def inverted_forward(x: Tensor, act: str, params: list[float]) -> tuple[Tensor, Tensor]:
     """(f(x), packed 1-bit mask Activation.mask_bit); empty when y alone tells the branch."""
-    a = from_op_args(act, params)
     check_input(x, "Inverted")
-    masked = a.saves_mask(x.dtype)
-    if masked and cpu_kernels.usable(x):
+    mask = branch_mask(x, act, params)  # first: its temporaries are gone before y
+    return from_op_args(act, params).forward(x), mask
+
+
+def branch_mask(x: Tensor, act: str, params: list[float]) -> Tensor:
+    """The packed mask inverted_forward saves (empty where y alone tells the branch),
+    without computing y: the in-place variant (ops.inplace) writes y over x after this."""
+    a = from_op_args(act, params)
+    if not a.saves_mask(x.dtype):
+        return x.new_empty(0, dtype=torch.uint8)
+    if cpu_kernels.usable(x):
         mask = cpu_kernels.inverted_mask(x, act, params)
         if mask is not None:
-            return a.forward(x), mask
-    if not (masked and chunkable(x)):
-        return _forward(x, act, params)
+            return mask
+    if not chunkable(x):
+        return pack(a.mask_bit(x.to(compare_dtype(x.dtype))), 1)
     flat, mask = x.view(-1), x.new_empty(packed_nbytes(x.numel(), 1), dtype=torch.uint8)
     for s, e in chunks(flat.numel()):
         mask[s // 8:(e + 7) // 8] = pack(a.mask_bit(flat[s:e].to(compare_dtype(x.dtype))), 1)
-    return a.forward(x), mask
+    return mask
 
 
 def _forward(x, act, params):
