@@ -280,7 +280,7 @@ def _report_from(p: Analysis, failures: dict[tuple, str], fits: dict | None, tab
         elif fits and s.rewrite_key in fits:
             reason = f"{reason}; {fits[s.rewrite_key].describe()}"
         v = capture.example_value(s.output)
-        rows.append(Row(s.name, str(s.activation), variant, reason, tuple(v.shape),
+        rows.append(Row(s.name, s.label, variant, reason, tuple(v.shape),
                         str(v.dtype).replace("torch.", ""), before, after, s.checkpointed))
     found = [] if rows else ["no supported activation found on these inputs: nothing to rewrite "
                              "(README: Supported activations)"]

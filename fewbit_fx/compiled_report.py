@@ -115,7 +115,7 @@ def compiled_report(model: nn.Module, *, example_inputs=None, example_kwargs=Non
             before = _bytes_from(default_rec, gi, names, p.site.module_path)
             after = _bytes_from(fewbit_rec, gi, names, p.site.module_path)
             v = p.site.output.meta.get("example_value")
-            rows.append(Row(p.site.name, str(p.site.activation), p.decision.label, p.decision.reason,
+            rows.append(Row(p.site.name, p.site.label, p.decision.label, p.decision.reason,
                             tuple(v.shape), str(v.dtype).replace("torch.", ""), before, after,
                             p.site.checkpointed))
     rep = Report(rows, mode, bits, measured_before=measured[0], measured_after=measured[1])
