@@ -17,6 +17,7 @@ from fewbit_fx import _compat
 from fewbit_fx.example_inputs import normalise
 from fewbit_fx.measure import measure_step, scalar_loss
 from fewbit_fx.compile_backend import plan_graph, rewrite_graph
+from fewbit_fx.ops import inductor
 from fewbit_fx.passes import saves
 from fewbit_fx.passes.capture import innermost_module
 from fewbit_fx.passes.detect import unrecognised_activations
@@ -84,6 +85,10 @@ def compiled_report(model: nn.Module, *, example_inputs=None, example_kwargs=Non
         return compile_fx(gm, ex, config_patches=_no_cache(default_rec))
 
     def fewbit_backend(gm, ex):
+        # before compile_fx picks its decomposition table: the op's fake would register
+        # them mid-trace, too late for this graph (Inductor then fails: "both a fallback
+        # and a decomp")
+        inductor.register()
         planned = plan_graph(gm, mode, bits, overrides)
         unrecognised.extend(n for n in unrecognised_activations([gm], [p.site for p in planned])
                             if n not in unrecognised)

@@ -16,6 +16,7 @@ from torch import fx, nn
 
 from fewbit_fx import activations
 from fewbit_fx.activations import Activation
+from fewbit_fx.passes import formulas
 from fewbit_fx.passes.capture import (
     example_value, innermost_module, module_scopes, with_checkpointed_regions,
 )
@@ -92,6 +93,21 @@ class Site:
     checkpointed: bool = False    # inside an activation-checkpointed region
     call_site: CallSite | None = None  # functional sites: where the call is in the source
     notes: list[str] = field(default_factory=list)
+    formula: bool = False         # found by graph pattern (passes/formulas), not by call or class
+
+    @property
+    def inline_formula(self) -> bool:
+        """A formula inside a bigger forward: no module to swap, no call to dispatch."""
+        return self.formula and self.module_path is None
+
+    @property
+    def kind(self) -> str:
+        """What the report calls it: `silu`, `silu (in-place)`, `swish(beta=1) formula`
+        (a formula found by pattern)."""
+        name = str(self.activation)
+        if self.formula:
+            name = f"{name.replace('_formula', '')} formula"
+        return f"{name} (in-place)" if self.inplace else name
 
     @property
     def output(self) -> fx.Node:
@@ -103,11 +119,6 @@ class Site:
             return self.module_path or "<root>"
         owner = self.owner_path or "<root>"
         return f"{owner}:{self.activation.name}#{self.occurrence}"
-
-    @property
-    def kind(self) -> str:
-        """What the report calls it: `silu`, `silu (in-place)`."""
-        return f"{self.activation} (in-place)" if self.inplace else str(self.activation)
 
     @property
     def rewrite_key(self) -> tuple:
@@ -171,10 +182,18 @@ def find_sites(graphs: list[fx.GraphModule], checkpointed: set[int] = frozenset(
             site = _module_site(group, owner, gi)
             if site is not None:
                 sites.append(site)
+        found_formulas = formulas.find(gm.graph, {n for s in sites[first:] for n in s.nodes})
+        in_formula = {n for m in found_formulas.values() for n in m.nodes}
         for node in gm.graph.nodes:
             scope = innermost_module(node)
             if scope is not None and _activation_module_class(scope[1], 1) is not None:
                 continue  # inside an activation module: handled as a module site
+            if node in found_formulas:
+                site = _formula_site(found_formulas[node], gi, occurrences)
+                sites.append(site)
+                continue
+            if node in in_formula:
+                continue
             found = activation_of_node(node)
             if found is None or not _is_tensor_node(node.args[0]):
                 continue
@@ -186,7 +205,57 @@ def find_sites(graphs: list[fx.GraphModule], checkpointed: set[int] = frozenset(
                               call_site=call_site(node)))
         for site in sites[first:]:
             site.checkpointed = gi in checkpointed
+    _demote_partial_formula_modules(graphs, sites, occurrences)
     return sites
+
+
+def _formula_site(m: formulas.Match, gi: int, occurrences: dict[str, int]) -> Site:
+    """A formula found by pattern: a module site when it is the whole of one call of a
+    module (the module is swapped, as for Hugging Face's formula classes), else a site
+    inside its owner's forward."""
+    path = _whole_module_call(m.nodes)
+    if path:
+        owner = path.rsplit(".", 1)[0] if "." in path else ""
+        return Site(m.activation, m.nodes, m.input, gi, owner, path, formula=True)
+    scope = innermost_module(m.nodes[-1])
+    owner = scope[0] if scope else ""
+    k = occurrences.get(owner, 0)
+    occurrences[owner] = k + 1
+    return Site(m.activation, m.nodes, m.input, gi, owner, None, k, formula=True)
+
+
+def _whole_module_call(nodes: list[fx.Node]) -> str | None:
+    """The path of the module whose call (one entry of Dynamo's nn_module_stack) traced
+    exactly these nodes and nothing else, or None (the model's own forward is never one)."""
+    stacks = [n.meta.get("nn_module_stack") or {} for n in nodes]
+    keys = {next(reversed(stack)) if stack else None for stack in stacks}
+    scopes = {innermost_module(n) for n in nodes}
+    if len(keys) != 1 or len(scopes) != 1 or None in keys or None in scopes:
+        return None
+    (key,), ((path, _),) = keys, scopes
+    traced = {n for n in nodes[0].graph.nodes if key in (n.meta.get("nn_module_stack") or {})}
+    return path if path and traced == set(nodes) else None
+
+
+def _demote_partial_formula_modules(graphs: list[fx.GraphModule], sites: list[Site],
+                                    occurrences: dict[str, int]) -> None:
+    """A module is swapped only if every call of it that the graphs saw is the same
+    formula; otherwise its formula sites are reported where they are (inside its forward)."""
+    by_path: dict[str, list[Site]] = {}
+    for s in sites:
+        if s.formula and s.module_path is not None:
+            by_path.setdefault(s.module_path, []).append(s)
+    for path, group in by_path.items():
+        covered = {n for s in group for n in s.nodes}
+        traced = {n for gm in graphs for n in gm.graph.nodes
+                  if n.op in ("call_function", "call_method") and path in {p for p, _ in module_scopes(n)}}
+        if traced <= covered and len({s.activation for s in group}) == 1:
+            continue
+        for s in group:
+            s.owner_path, s.module_path = path, None
+            s.occurrence = occurrences.get(path, 0)
+            occurrences[path] = s.occurrence + 1
+            s.notes.append(f"{path} is not swapped: not every call of it computes {s.kind}")
 
 
 def _module_groups(graph: fx.Graph):

@@ -44,8 +44,28 @@ def plan_graphs(graphs: list[fx.GraphModule], mode: str, bits: int,
             planned.append(Planned(site, replace(sv, saved_before=0),
                                    decide.Decision("kept", None, 0, RECOMPUTED)))
             continue
-        planned.append(Planned(site, sv, decide.decide(site, sv, *decide.site_mode(site, mode, bits, overrides))))
+        d = decide.decide(site, sv, *decide.site_mode(site, mode, bits, overrides))
+        if site.inline_formula and not compiled:
+            d = _inline_formula_kept(site, sv, d)
+        planned.append(Planned(site, sv, d))
     return _agree_per_key(planned)
+
+
+def _inline_formula_kept(site: detect.Site, sv: saves.SiteSaves, d: decide.Decision) -> decide.Decision:
+    """Eager rewrites swap modules and dispatch calls; a formula written inside a bigger
+    forward is neither, so it stays as written, and the reason says what it would save in
+    a module of its own. (The compiler backend rewrites it in the graph.)"""
+    c = detect.call_site(site.output)
+    where = f" in {c.function}() at {c.filename.rsplit('/', 1)[-1]}:{c.lineno}" if c else ""
+    why = "".join(f"{note}; " for note in site.notes)
+    if d.variant == "kept":
+        gain = f" ({d.reason})"
+    else:
+        gain = (f"; as its own nn.Module (whose forward is just the formula) it would be {d.label}, "
+                f"keeping {d.saved_after} B instead of {sv.saved_before} B")
+    return decide.Decision("kept", None, sv.saved_before,
+                           f"{why}{site.kind} written inline{where}: only a module whose whole "
+                           f"forward is the formula can be swapped{gain}")
 
 
 def _agree_per_key(planned: list[Planned]) -> list[Planned]:

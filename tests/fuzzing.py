@@ -174,6 +174,21 @@ def _params(name: str, rng: random.Random) -> dict:
     return {}
 
 
+# Formulas as users write them (found by graph pattern, passes/formulas): a body on x,
+# written as a class's whole forward (module form) and inline (call form).
+_FORMULAS = {
+    "swish": {"SwishFormula": "x * torch.sigmoid(x)", "HalfSwish": "x * torch.sigmoid(0.5 * x)"},
+    "mish_formula": {"MishFormula": "x * torch.tanh(F.softplus(x))"},
+    "gelu_tanh_pow_formula": {
+        "GeluPow": "0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * torch.pow(x, 3.0))))"},
+    "gelu_tanh_cube_formula": {
+        "GeluCube": "0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))"},
+    "gelu_tanh_fast_formula": {
+        "GeluFast": "0.5 * x * (1.0 + torch.tanh(x * 0.7978845608028654 * (1.0 + 0.044715 * x * x)))"},
+}
+_FORMULA_BODIES = {cls: body for spellings in _FORMULAS.values() for cls, body in spellings.items()}
+
+
 def forms(name: str, p: dict) -> dict[str, list[str]]:
     """Source for activation `name` with torch arguments `p`: constructors under "module"
     and "module_inplace", calls on {x} under "call" and "call_inplace"."""
@@ -227,6 +242,9 @@ def forms(name: str, p: dict) -> dict[str, list[str]]:
     }
     for k, v in extra.get(name, {}).items():
         out[k] += v
+    for cls, body in _FORMULAS.get(name, {}).items():
+        out["module"].append(f"{cls}()")
+        out["call"].append(body.replace("x", "{x}"))
     if name == "leaky_relu" and p["negative_slope"] < 0:
         out["module_inplace"], out["call_inplace"] = [], []  # torch refuses their backward
     return out
@@ -395,6 +413,10 @@ def source(net: Net) -> str:
     if HAVE_TRANSFORMERS and any("hf." in b.code for b in net.blocks):
         head.append("import transformers.activations as hf")
     body = _sequential(net) if net.kind == "sequential" else _functional(net)
+    for cls, formula in _FORMULA_BODIES.items():
+        if any(f"{cls}()" in b.code for b in net.blocks):
+            body = (f"class {cls}(nn.Module):\n    def forward(self, x):\n        return {formula}\n\n\n"
+                    + body)
     return "\n".join(head) + "\n\n\n" + body + "\n"
 
 

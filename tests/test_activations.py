@@ -58,6 +58,7 @@ HF_MODULES = [
 NON_MONOTONE = {
     "gelu", "gelu_tanh", "silu", "mish", "hardswish",
     "gelu_tanh_formula", "gelu_fast_formula", "gelu_erf_formula", "quick_gelu",
+    "swish", "mish_formula", "gelu_tanh_pow_formula", "gelu_tanh_cube_formula", "gelu_tanh_fast_formula",
 }
 
 
@@ -232,10 +233,17 @@ def test_x_min_is_where_the_derivative_vanishes(name):
         ("gelu_fast_formula", "gelu_tanh", 1.0),
         ("gelu_erf_formula", "gelu", 1.0),
         ("quick_gelu", "silu", 1.702),
+        ("swish", "silu", 1.0),
+        ("swish(beta=0.1)", "silu", 0.1),
+        ("swish(beta=2.5)", "silu", 2.5),
+        ("mish_formula", "mish", 1.0),
+        ("gelu_tanh_pow_formula", "gelu_tanh", 1.0),
+        ("gelu_tanh_cube_formula(k=0.7978845608)", "gelu_tanh", 1.0),
+        ("gelu_tanh_fast_formula(k=0.79788456)", "gelu_tanh", 1.0),
     ],
 )
 def test_formula_twins_are_mathematically_equal(name, twin, scale):
-    a = get(name)
+    a = _parse(name)
     t, s = a.twin
     assert t == get(twin) and s == scale
     assert not a.exact_from_output
@@ -243,6 +251,29 @@ def test_formula_twins_are_mathematically_equal(name, twin, scale):
     # f(x) = twin(s*x)/s (FastGELU's rounded constant differs from sqrt(2/pi) by ~1e-10).
     assert torch.allclose(a.forward(x), t.forward(s * x) / s, rtol=0, atol=1e-8)
     assert torch.allclose(a.derivative(x), t.derivative(s * x), rtol=0, atol=1e-8)
+
+
+def _parse(text: str) -> Activation:
+    """get() from "name" or "name(p=v, ...)"."""
+    name, _, args = text.rstrip(")").partition("(")
+    return get(name, **{k.strip(): float(v) for k, v in (a.split("=") for a in args.split(",") if a)})
+
+
+@pytest.mark.parametrize("text", ["swish(beta=0.1)", "swish(beta=0.05)", "swish(beta=3)"])
+def test_a_scaled_twin_has_its_minimum_where_the_derivative_vanishes(text):
+    a = _parse(text)  # beta < 0.21 puts it left of -6, where bisection would not look
+    assert a.x_min == pytest.approx(get("silu").x_min / a.p["beta"], rel=1e-12)
+    d = a.derivative(torch.tensor([a.x_min - 1e-3, a.x_min, a.x_min + 1e-3], dtype=torch.float64))
+    assert d[0] < 0 < d[2] and abs(float(d[1])) < 1e-7
+
+
+@pytest.mark.parametrize("name, params", [("swish", {"beta": 0.0}), ("swish", {"beta": -1.0}),
+                                          ("swish", {"beta": math.inf}),
+                                          ("gelu_tanh_cube_formula", {"k": 0.8}),
+                                          ("gelu_tanh_pow_formula", {"c": 0.045})])
+def test_formula_constants_outside_what_the_twin_serves_are_refused(name, params):
+    with pytest.raises(ValueError):
+        get(name, **params)
 
 
 def test_exact_from_output_split():
@@ -318,7 +349,8 @@ def test_every_entry_can_be_found(name):
     entry's variant), else detect never finds it."""
     spec = SPECS[name]
     as_variant = {other for s in SPECS.values() for choices in s.variants.values() for other in choices.values()}
-    assert _all_calls(spec) or spec.modules or spec.hf_classes or name in as_variant, name
+    # formula entries are also found by graph pattern (passes/formulas), in any code
+    assert _all_calls(spec) or spec.modules or spec.hf_classes or name in as_variant or spec.formula, name
     for target in spec.functions:
         assert detect._FUNCTIONS[target][0] == name and target not in detect._INPLACE
     for target in spec.inplace_functions:
@@ -446,7 +478,8 @@ def test_inverse_is_declared(name):
     assert (name in inverse.SUPPORTED) == isinstance(spec.inverse, Numerical)
     if isinstance(spec.inverse, Twin):
         assert isinstance(SPECS[spec.inverse.name].inverse, (ClosedForm, Numerical))
-        assert get(name).twin == (get(spec.inverse.name), spec.inverse.scale)
+        scale = spec.inverse.scale
+        assert get(name).twin == (get(spec.inverse.name), get(name).p[scale] if isinstance(scale, str) else scale)
     if isinstance(spec.inverse, Numerical):  # its explicit formulas are the entry's f and f'
         a, x = get(name), torch.linspace(-20, 20, 4001, dtype=torch.float64)
         torch.testing.assert_close(spec.inverse.f(x), a.forward(x), rtol=1e-13, atol=1e-14)

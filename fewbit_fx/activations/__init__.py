@@ -90,7 +90,10 @@ class Activation:
     def twin(self) -> tuple["Activation", float] | None:
         """(mathematically equal registry op, input scale) for formula activations."""
         inverse = self.spec.inverse
-        return (get(inverse.name), inverse.scale) if isinstance(inverse, Twin) else None
+        if not isinstance(inverse, Twin):
+            return None
+        scale = self.p[inverse.scale] if isinstance(inverse.scale, str) else inverse.scale
+        return get(inverse.name), scale
 
     def nan_derivative(self, x: Tensor) -> Tensor | None:
         """Where torch's derivative is NaN (x NaN, or also +-inf where f' is inf * 0);
@@ -219,6 +222,9 @@ def _x_min(act: Activation) -> float:
     below autograd. Accurate to ~1e-9, far below what a branch bit can notice."""
     if act.spec.x_min is not None:
         return act.spec.x_min
+    if isinstance(act.spec.inverse, Twin) and isinstance(act.spec.inverse.scale, str):
+        twin, scale = act.twin  # a parametrised scale moves the minimum (maybe out of [-6, 0])
+        return _x_min(twin) / scale
     h = 1e-6
 
     def slope(v: float) -> float:

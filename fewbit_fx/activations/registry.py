@@ -140,6 +140,28 @@ def _bound_rounds_inward(lo: float, hi: float, dtype: torch.dtype) -> bool:
         return bool(ends[0] > bounds[0]) or bool(ends[1] < bounds[1])
 
 
+def _check_swish(p: Params) -> None:
+    if not (math.isfinite(p["beta"]) and p["beta"] > 0):
+        raise ValueError(f"swish beta must be a finite positive number, got {p['beta']!r}")
+
+
+def _swish(x: Tensor, p: Params) -> Tensor:
+    """x * sigmoid(beta * x); beta = 1 written without the multiply (1.0 * x is x, bit for bit)."""
+    return x * torch.sigmoid(x if p["beta"] == 1.0 else p["beta"] * x)
+
+
+_GELU_TANH_K, _GELU_TANH_C = _SQRT_2_OVER_PI, 0.044715
+
+
+def _check_gelu_tanh_constants(p: Params) -> None:
+    """Written-out tanh GELUs with their constants spelled otherwise (0.7978845608,
+    0.79788456): gelu_tanh's inverse serves them while the constants agree to 1e-7
+    relative, which moves f' by < 1e-7 (the fp32 floor away from the minimum)."""
+    for name, want in (("k", _GELU_TANH_K), ("c", _GELU_TANH_C)):
+        if not abs(p[name] / want - 1.0) <= 1e-7:
+            raise ValueError(f"a tanh GELU formula with {name}={p[name]!r} is not GELU's ({want!r})")
+
+
 def _gelu_python(module: nn.Module) -> bool:
     """GELUActivation(use_gelu_python=True) computes the erf formula, not F.gelu."""
     return getattr(module, "act", F.gelu) is not F.gelu
@@ -148,6 +170,19 @@ def _gelu_python(module: nn.Module) -> bool:
 _ELU, _ELU_KERNEL = _elu_family(1.0, 1.0, 1.0)
 _SELU, _SELU_KERNEL = _elu_family(SELU_ALPHA, SELU_SCALE, 1.0)
 _CELU, _CELU_KERNEL = _elu_family(1.0, 1.0, 0.0)
+
+def _gelu_tanh_spelling(forward) -> Spec:
+    """A tanh GELU written with its constants k, c as parameters (GELU's to 1e-7)."""
+    return Spec(
+        forward=forward,
+        inverse=Twin("gelu_tanh"),
+        params=(("k", _GELU_TANH_K), ("c", _GELU_TANH_C)),
+        check=_check_gelu_tanh_constants,
+        monotone=lambda p: False,
+        nan_derivative="nonfinite",
+        formula=True,
+    )
+
 
 SPECS: dict[str, Spec] = {
     "gelu": Spec(
@@ -391,4 +426,30 @@ SPECS: dict[str, Spec] = {
         formula=True,
         kernel=Kernel(19),
     ),
+    # Formulas found in users' own code by graph pattern (passes/formulas), each the op
+    # sequence users write, with its constants as parameters where they vary.
+    "swish": Spec(  # x * sigmoid(beta x) = silu(beta x) / beta; beta = 1 is SiLU written out
+        forward=_swish,
+        inverse=Twin("silu", "beta"),
+        params=(("beta", 1.0),),
+        check=_check_swish,
+        monotone=lambda p: False,
+        nan_derivative="nonfinite",
+        formula=True,
+    ),
+    "mish_formula": Spec(
+        forward=lambda x, p: x * torch.tanh(F.softplus(x)),
+        inverse=Twin("mish"),
+        monotone=lambda p: False,
+        nan_derivative="nonfinite",
+        formula=True,
+    ),
+    # NewGELU's spelling with other constants; the cube as c * x * x * x; FastGELU's (and
+    # Megatron's) spelling
+    "gelu_tanh_pow_formula": _gelu_tanh_spelling(
+        lambda x, p: 0.5 * x * (1.0 + torch.tanh(p["k"] * (x + p["c"] * torch.pow(x, 3.0))))),
+    "gelu_tanh_cube_formula": _gelu_tanh_spelling(
+        lambda x, p: 0.5 * x * (1.0 + torch.tanh(p["k"] * (x + p["c"] * x * x * x)))),
+    "gelu_tanh_fast_formula": _gelu_tanh_spelling(
+        lambda x, p: 0.5 * x * (1.0 + torch.tanh(x * p["k"] * (1.0 + p["c"] * x * x)))),
 }

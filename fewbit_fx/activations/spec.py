@@ -41,10 +41,11 @@ class Numerical:
 @dataclass(frozen=True)
 class Twin:
     """A formula equal to twin(scale * x) / scale, so the twin's inverse serves it:
-    f'(x) = twin'(x') where twin(x') = scale * y."""
+    f'(x) = twin'(x') where twin(x') = scale * y. A str scale names the parameter that
+    holds it (swish's beta)."""
 
     name: str
-    scale: float = 1.0
+    scale: float | str = 1.0
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,8 @@ class Spec:
     hf_classes: tuple[str, ...] = ()
     hf_accepts: Callable[[nn.Module], bool] = lambda module: True
     # The forward is several torch ops (Hugging Face writes some GELUs out): detect takes
-    # all the nodes traced inside the module as one site.
+    # all the nodes traced inside the module as one site, and finds the same op sequence
+    # in any code by graph pattern (passes/formulas: the pattern is this forward, traced).
     formula: bool = False
 
     # --- what torch's own backward keeps (passes/saves) -----------------------------------
