@@ -3,6 +3,8 @@
     FewBit(nn.GELU(), bits=3)   # backward keeps 3 bits per element (approximate gradient)
     FewBit(nn.GELU()).fit(x)    # the same, with the table fitted to inputs like x
     Inverted(nn.GELU())         # backward keeps the output y (+1 bit); exact to the floor
+    Inverted(nn.LayerNorm(d))   # backward keeps y and per-row statistics, not x (also
+                                # nn.RMSNorm and Hugging Face's RMSNorm; the same Parameters)
 
 Both return exactly what the wrapped module returns. Like it, they write into their
 input only with inplace=True (the default follows the wrapped module's own `inplace`):
@@ -23,6 +25,7 @@ from fewbit_fx.activations import Activation, from_module
 from fewbit_fx.ops import inplace as inplace_ops
 from fewbit_fx.ops import transforms
 from fewbit_fx.ops._common import check_input
+from fewbit_fx.ops.norm import plain_norm
 from fewbit_fx.packing import check_bits
 
 
@@ -137,7 +140,13 @@ class FewBit(nn.Module):
 
 
 class Inverted(nn.Module):
-    """Inverted activation: backward keeps the output (shared with the next layer)."""
+    """Inverted activation: backward keeps the output (shared with the next layer).
+    Given a norm module (see InvertedNorm), builds an InvertedNorm."""
+
+    def __new__(cls, act=None, *args, **kwargs):
+        if cls is Inverted and norm_kind(act) is not None:
+            cls = InvertedNorm
+        return super().__new__(cls)
 
     def __init__(self, act: nn.Module | Activation, inplace: bool | None = None) -> None:
         super().__init__()
@@ -161,6 +170,69 @@ class Inverted(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.activation}, inplace=True" if self.inplace else str(self.activation)
+
+
+def norm_kind(module) -> str | None:
+    """The fewbit_fx.ops.norm formula a norm module computes, or None for other modules:
+    nn.LayerNorm, nn.RMSNorm, and Hugging Face's RMSNorm (a class named *RMSNorm with
+    `variance_epsilon` and a `weight`, computing weight * (x_f32 * rsqrt(...)).to(dtype):
+    Llama, Mistral, Qwen2; not Gemma's (1 + weight))."""
+    if isinstance(module, nn.LayerNorm):
+        return "layer_norm"
+    if isinstance(module, nn.RMSNorm):
+        return "rms_norm"
+    if (isinstance(module, nn.Module) and type(module).__name__.endswith("RMSNorm")
+            and hasattr(module, "variance_epsilon") and isinstance(getattr(module, "weight", None), nn.Parameter)
+            and "Gemma" not in type(module).__name__):
+        return "hf_rms_norm"
+    return None
+
+
+class InvertedNorm(Inverted):
+    """A LayerNorm / RMSNorm whose backward keeps its output y (which the next layer keeps
+    anyway) and per-row statistics instead of its input (fewbit_fx.ops.norm; channels y
+    cannot tell, such as gamma = 0, keep x's columns). Built by Inverted(norm).
+
+    It holds the norm's own Parameter objects under the norm's names, and nothing else, so
+    optimizers, state_dict keys and loading are unchanged by the swap."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        nn.Module.__init__(self)
+        self.kind = norm_kind(norm)
+        if self.kind is None:
+            raise TypeError(f"fewbit-fx: Inverted norms take nn.LayerNorm, nn.RMSNorm or a Hugging "
+                            f"Face RMSNorm, got {type(norm).__name__}")
+        if self.kind == "hf_rms_norm":
+            shape, eps = tuple(norm.weight.shape), float(norm.variance_epsilon)
+        else:
+            shape, eps = tuple(norm.normalized_shape), norm.eps
+        self.normalized_shape, self.eps = shape, eps
+        names = ("weight", "bias") if self.kind == "layer_norm" else ("weight",)
+        for name in names:
+            p = getattr(norm, name, None)
+            if p is not None and not isinstance(p, nn.Parameter):
+                raise TypeError(f"fewbit-fx: the norm's {name} is a {type(p).__name__}, not a Parameter")
+            self.register_parameter(name, p)
+        if self.kind != "layer_norm":
+            self.bias = None  # a plain attribute: no state_dict entry
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, "Inverted")
+        if not (torch.is_grad_enabled() and (x.requires_grad or any(
+                p is not None and p.requires_grad for p in (self.weight, self.bias)))):
+            return plain_norm(x, self.kind, list(self.normalized_shape), self.weight, self.bias,
+                              self.eps)
+        if transforms.active():
+            raise RuntimeError(
+                "fewbit-fx: Inverted norms do not support torch.func transforms (grad, vmap, "
+                "functional_call under a transform): their saved side tensor has a data-dependent "
+                "size; keep the original norm module there")
+        y, *_ = ops.inverted_norm_forward(x, self.kind, list(self.normalized_shape), self.weight,
+                                          self.bias, self.eps, not torch.compiler.is_compiling())
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, {tuple(self.normalized_shape)}, eps={self.eps}"
 
 
 __all__ = ["FewBit", "Inverted"]

@@ -28,13 +28,15 @@ def register() -> None:
         from torch._inductor.decomposition import register_decomposition
 
         from fewbit_fx import _compat, cache_key
-        from fewbit_fx.ops import fewbit, inverted, unpack
+        from fewbit_fx.ops import fewbit, inverted, norm, unpack
 
         ops = torch.ops.fewbit_fx
         register_decomposition(ops.fewbit_forward.default)(fewbit.decomposed_forward)
         register_decomposition(ops.fewbit_backward.default)(fewbit._backward)
         register_decomposition(ops.inverted_forward.default)(inverted._forward)
         register_decomposition(ops.inverted_backward.default)(inverted._backward_compiled)
+        register_decomposition(ops.inverted_norm_forward.default)(norm._forward_compiled)
+        register_decomposition(ops.inverted_norm_backward.default)(norm._backward)
         unpack.register_lowering()
         _compat.decompositions_changed()
         cache_key.install()  # plain torch.compile keys its caches on these decompositions too
