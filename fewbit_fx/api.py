@@ -32,7 +32,7 @@ def analyse(model: nn.Module, args: tuple, kwargs: dict, mode: str, bits: int,
     decide.check_mode(mode)
     check_bits(bits)
     cap = capture.capture(model, args, kwargs)
-    planned = plan_graphs(cap.graphs, mode, bits, overrides, links=cap.links)
+    planned = plan_graphs(cap.graphs, mode, bits, overrides, links=cap.links, model=model)
     _warn_unmatched_overrides(overrides, [p.site.name for p in planned])
     return Analysis(planned, mode, bits,
                 cap.notes + detect.unseen_activation_modules(model, cap.graphs)

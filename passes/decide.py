@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from fewbit_fx._compat import size_hint
 from fewbit_fx.packing import packed_nbytes
 from fewbit_fx.passes.detect import Site
+from fewbit_fx.passes.norms import Norm
 from fewbit_fx.passes.saves import SiteSaves
 
 MODES = ("auto", "exact", "fewbit")
@@ -83,6 +84,8 @@ def decide(site: Site, saves: SiteSaves, mode: str, bits: int, forced: bool = Fa
     here (a module shared with sites where it does save)."""
     if mode == "keep":
         return Decision("kept", None, saves.saved_before, "kept by an override")
+    if isinstance(site.activation, Norm):
+        return _decide_norm(site, saves, forced)
     if saves.saved_before == 0 and not forced:
         why = (f"its input is kept anyway by {saves.x_kept_by[0]}" if saves.x_kept_by
                else "it keeps nothing that others do not keep already")
@@ -113,6 +116,28 @@ def decide(site: Site, saves: SiteSaves, mode: str, bits: int, forced: bool = Fa
     if site.checkpointed:
         return _in_checkpointed_region(best)
     return best
+
+
+def _decide_norm(site: Site, saves: SiteSaves, forced: bool) -> Decision:
+    """Inverted (exact) in every mode where a consumer keeps y: there is no few-bit norm.
+    What it keeps beyond the original's: for the aten-op RMSNorm, whose own statistics the
+    analysis counted, its fp32 rstd per row; the columns of x it keeps where the weight
+    makes y unusable (gamma = 0, |beta| beyond what y spans) depend on the values, per call,
+    so the estimate cannot include them (tests/ops/test_norm_op.py)."""
+    if saves.y_mutated:
+        return Decision("kept", None, saves.saved_before, f"{_mutated(saves)}, so the norm keeps its input")
+    if not saves.y_kept_by:
+        return Decision("kept", None, saves.saved_before,
+                        "no consumer keeps its output: keeping y instead of x saves nothing")
+    rows = size_hint(saves.numel) // max(size_hint(saves.shape[-1]), 1) if saves.shape else 1
+    extra = 4 * rows if site.activation.name == "hf_rms_norm" else 0
+    if extra >= saves.saved_before and not forced:
+        why = (f"its input is kept anyway by {saves.x_kept_by[0]}" if saves.x_kept_by
+               else "it keeps nothing that others do not keep already")
+        return Decision("kept", None, saves.saved_before, f"no saving possible: {why}")
+    return Decision("inverted", None, extra,
+                    f"output already kept by {saves.y_kept_by[0]}; per-row statistics, and x's "
+                    "columns where the weight makes y unusable (gamma = 0), decided per call")
 
 
 CHECKPOINTED = ("inside an activation-checkpointed region: saved only while the region is "

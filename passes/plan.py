@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from torch import fx
+from torch import fx, nn
 
-from fewbit_fx.passes import capture, decide, detect, saves
+from fewbit_fx.passes import capture, decide, detect, norms, saves
 
 
 @dataclass
@@ -18,13 +18,15 @@ class Planned:
     decision: decide.Decision
 
 
+NORM_IN_REGION = ("inside an activation-checkpointed region: norms are rewritten only outside "
+                  "them (their saved tensors live only while the region is recomputed)")
 RECOMPUTED = ("inside an activation-checkpointed region: torch.compile recomputes the region "
               "in backward and saves nothing of it")
 
 
 def plan_graphs(graphs: list[fx.GraphModule], mode: str, bits: int,
                 overrides: dict[str, str] | None, compiled: bool = False,
-                links: dict | None = None) -> list[Planned]:
+                links: dict | None = None, model: nn.Module | None = None) -> list[Planned]:
     """`compiled`: plan for torch.compile's partitioner instead of eager autograd.
 
     Sites inside activation-checkpointed regions are planned on the region's own graph.
@@ -33,12 +35,21 @@ def plan_graphs(graphs: list[fx.GraphModule], mode: str, bits: int,
     and saves none of it, so such sites are kept. `links` (capture.Capture.links): where
     values a graph returns go in later graphs, so that a consumer across a graph break is
     seen; without it a returned value counts as kept and possibly modified elsewhere.
+    `model` (eager captures): its norm modules are sites too (passes/norms).
     """
     graphs, bodies = capture.with_checkpointed_regions(graphs)
     graph_saves = [saves.analyse_graph(gm.graph) for gm in graphs]
     later = saves.LaterGraphs(links or {}, {gm.graph: gs for gm, gs in zip(graphs, graph_saves)})
     planned = []
-    for site in detect.find_sites(graphs, bodies):
+    sites = detect.find_sites(graphs, bodies)
+    if model is not None and not compiled:
+        sites += norms.find_norm_sites(graphs, model)
+    for site in sites:
+        if isinstance(site.activation, norms.Norm) and site.graph_index in bodies:
+            site.checkpointed = True
+            sv = saves.analyse_site(site, graph_saves[site.graph_index], compiled, later)
+            planned.append(Planned(site, sv, decide.Decision("kept", None, sv.saved_before, NORM_IN_REGION)))
+            continue
         sv = saves.analyse_site(site, graph_saves[site.graph_index], compiled, later)
         if compiled and site.checkpointed:
             planned.append(Planned(site, replace(sv, saved_before=0),

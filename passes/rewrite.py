@@ -18,13 +18,18 @@ from torch import nn
 from fewbit_fx.nn import FewBit, Inverted
 from fewbit_fx.passes.decide import Decision
 from fewbit_fx.passes.detect import Site
+from fewbit_fx.passes.norms import Norm
 from fewbit_fx.passes.plan import Planned
 from fewbit_fx.passes.source_rewrite import CannotRewrite, Target, _Rewritten, build, locate
 
 _REPLACED = "_fewbit_replaced"  # on a FewBit/Inverted module: the activation module it replaced
 
 
-def build_module(site: Site, decision: Decision) -> nn.Module:
+def build_module(site: Site, decision: Decision, old: nn.Module | None = None) -> nn.Module:
+    """`old`: the module a module site swaps out (a norm is rebuilt around its own
+    parameters)."""
+    if isinstance(site.activation, Norm):
+        return Inverted(old)
     if decision.variant == "inverted":
         return Inverted(site.activation, inplace=site.inplace)
     return FewBit(site.activation, bits=decision.bits, inplace=site.inplace)
@@ -68,7 +73,7 @@ def _stage_module_swap(model: nn.Module, p: Planned) -> tuple[nn.Module, str, nn
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     old = getattr(parent, name)
-    new = build_module(p.site, p.decision)
+    new = build_module(p.site, p.decision, old)
     new.train(old.training)
     # The same dictionaries, not copies: a handle the user holds removes its hook from
     # both, and hooks registered later on either apply to the module that runs.

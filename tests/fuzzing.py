@@ -127,7 +127,7 @@ from torch import Tensor, nn
 
 import fewbit_fx
 from fewbit_fx.activations import SUPPORTED, Activation
-from fewbit_fx.nn import FewBit, Inverted
+from fewbit_fx.nn import FewBit, Inverted, InvertedNorm
 
 try:
     import transformers.activations  # noqa: F401
@@ -1000,6 +1000,12 @@ def _restore(model: nn.Module, state: dict[str, Tensor]) -> None:
                 t.copy_(state[n])
 
 
+def _inverted_activation(m: nn.Module) -> bool:
+    """Inverted activations get the elementwise check; inverted norms (InvertedNorm) are
+    checked at network level only (tests/ops/test_norm_op.py checks them against their floor)."""
+    return isinstance(m, Inverted) and not isinstance(m, InvertedNorm)
+
+
 def _rewritten(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, (FewBit, Inverted))]
 
@@ -1055,10 +1061,10 @@ def check_eager(net: Net, mode: str) -> Outcome:
     seen: list[tuple[nn.Module, Tensor]] = []
 
     def record(m, args):  # a replaced module shares its hook dicts with the original one
-        if isinstance(m, Inverted):
+        if _inverted_activation(m):
             seen.append((m, args[0].detach().clone()))
 
-    hooks = [m.register_forward_pre_hook(record) for m in _rewritten(model) if isinstance(m, Inverted)]
+    hooks = [m.register_forward_pre_hook(record) for m in _rewritten(model) if _inverted_activation(m)]
     start = _state(model)
     got = run(model, net, base, view, buffer_names=list(ref.buffers))
     for h in hooks:

@@ -39,6 +39,8 @@ def test_monotone_split():
     assert set(NON_MONOTONE) == {
         "gelu", "gelu_tanh", "silu", "mish", "hardswish",
         "gelu_tanh_formula", "gelu_fast_formula", "gelu_erf_formula", "quick_gelu",
+        "swish", "mish_formula", "gelu_tanh_pow_formula", "gelu_tanh_cube_formula",
+        "gelu_tanh_fast_formula",
     }
 
 

@@ -34,12 +34,21 @@ PLAIN = [n for n in NAMES if n not in HF]
 # at least one site).
 EXPECTED = {
     "auto": {
-        "gpt2": {"transformer.h.*.mlp.act": "inverted"},  # NewGELUActivation, kept by c_proj
+        # norms whose output a Linear keeps are inverted (InvertedNorm); one whose output is
+        # returned (BERT's last, ViT's final) is kept
+        "gpt2": {"transformer.h.*.mlp.act": "inverted",  # NewGELUActivation, kept by c_proj
+                 "transformer.h.*.ln_*": "inverted", "transformer.ln_f": "inverted"},
         "bert": {"encoder.layer.*.intermediate.intermediate_act_fn": "inverted",
-                 "pooler.activation": "kept"},  # tanh keeps y, which is returned anyway
-        "llama": {"model.layers.*.mlp.act_fn": "inverted"},  # SiLU, y kept by the mul with up_proj
-        "mistral": {"model.layers.*.mlp.act_fn": "inverted"},
-        "vit": {"layers.*.mlp.activation_fn": "inverted", "pooler.activation": "kept"},
+                 "pooler.activation": "kept",  # tanh keeps y, which is returned anyway
+                 "embeddings.LayerNorm": "inverted", "encoder.layer.0.*LayerNorm": "inverted",
+                 "encoder.layer.1.attention.output.LayerNorm": "inverted",
+                 "encoder.layer.1.output.LayerNorm": "kept"},
+        "llama": {"model.layers.*.mlp.act_fn": "inverted",  # SiLU, y kept by the mul with up_proj
+                  "model.layers.*layernorm": "inverted", "model.norm": "inverted"},
+        "mistral": {"model.layers.*.mlp.act_fn": "inverted",
+                    "model.layers.*layernorm": "inverted", "model.norm": "inverted"},
+        "vit": {"layers.*.mlp.activation_fn": "inverted", "pooler.activation": "kept",
+                "layers.*.layernorm_*": "inverted", "layernorm": "kept"},
         "mlp-functional": {"<root>:gelu#*": "inverted", "<root>:sigmoid#*": "fewbit-3",
                            "<root>:tanh#*": "kept"},
         "reuse": {"blocks.*.act": "inverted"},
