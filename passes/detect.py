@@ -258,13 +258,14 @@ def _demote_partial_formula_modules(graphs: list[fx.GraphModule], sites: list[Si
             s.notes.append(f"{path} is not swapped: not every call of it computes {s.kind}")
 
 
-def _module_groups(graph: fx.Graph):
-    """Runs of consecutive nodes traced inside the same activation module call."""
+def _module_groups(graph: fx.Graph, accept=lambda cls: _activation_module_class(cls, 1) is not None):
+    """Runs of consecutive nodes traced inside the same module call, for the modules whose
+    class `accept`s (activation modules; passes/norms takes every module)."""
     group: list[fx.Node] = []
     current = None
     for node in graph.nodes:
         scope = innermost_module(node) if node.op in ("call_function", "call_method") else None
-        key = scope if scope and _activation_module_class(scope[1], 1) is not None else None
+        key = scope if scope and accept(scope[1]) else None
         if key != current:
             if group:
                 yield group, current

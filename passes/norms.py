@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from fewbit_fx.passes.capture import example_value, innermost_module
+from fewbit_fx.passes.capture import example_value
 
 
 @dataclass(frozen=True)
@@ -34,12 +34,12 @@ class Norm:
 
 def find_norm_sites(graphs: list[fx.GraphModule], model: nn.Module) -> list:
     """One module site per call of a supported norm module, in graph order."""
-    from fewbit_fx.passes.detect import Site
+    from fewbit_fx.passes.detect import Site, _module_groups
 
     modules = dict(model.named_modules())
     sites = []
     for gi, gm in enumerate(graphs):
-        for path, nodes in _calls(gm.graph):
+        for nodes, (path, _) in _module_groups(gm.graph, accept=lambda cls: True):
             module = modules.get(path)
             kind = _kind(module)
             inputs = {a for n in nodes for a in n.all_input_nodes
@@ -49,22 +49,6 @@ def find_norm_sites(graphs: list[fx.GraphModule], model: nn.Module) -> list:
             (x,) = inputs
             sites.append(Site(Norm(kind), nodes, x, gi, path, path))
     return sites
-
-
-def _calls(graph: fx.Graph):
-    """(module path, nodes) per run of consecutive nodes traced inside one module call."""
-    group, current = [], None
-    for node in graph.nodes:
-        scope = innermost_module(node) if node.op in ("call_function", "call_method") else None
-        key = scope[0] if scope else None
-        if key != current and group:
-            yield current, group
-            group = []
-        current = key
-        if key is not None:
-            group.append(node)
-    if group:
-        yield current, group
 
 
 def _kind(module) -> str | None:

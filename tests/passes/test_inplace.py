@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fewbit_fx
+from _training import grads as _grads
 from fewbit_fx.measure import measure_step
 from fewbit_fx.nn import FewBit, Inverted
 
@@ -128,14 +129,6 @@ BLOCKS = {
 
 def x_in(c=8, n=4, hw=16):
     return torch.randn(n, c, hw, hw, generator=torch.Generator().manual_seed(0))
-
-
-def _grads(model, x):
-    model.zero_grad(set_to_none=True)
-    xr = x.clone().requires_grad_()
-    out = model(xr)
-    (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
-    return [xr.grad] + [p.grad for p in model.parameters()]
 
 
 @pytest.mark.parametrize("mode", ["exact", "auto"])

@@ -11,6 +11,7 @@ from torch import nn
 
 import fewbit_fx
 from fewbit_fx.evidence import models
+from _training import grads as _grads
 from fewbit_fx.measure import measure_step
 from fewbit_fx.nn import InvertedNorm
 
@@ -24,23 +25,22 @@ class Block(nn.Module):
         return self.down(self.norm(self.up(x)))
 
 
-class HFStyleRMSNorm(nn.Module):
-    """Hugging Face's RMSNorm as written in Llama's modeling file."""
+def HFStyleRMSNorm(d):
+    """Hugging Face's own RMSNorm class (Llama's modeling file), weights off 1."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(d)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    return norm
+
+
+class LookAlikeRMSNorm(nn.Module):
+    """Named and shaped like one, computes something else (Gemma's 1 + weight)."""
 
     def __init__(self, d, eps=1e-6):
         super().__init__()
         self.weight, self.variance_epsilon = nn.Parameter(torch.rand(d) + 0.5), eps
-
-    def forward(self, hidden_states):
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
-
-
-class LookAlikeRMSNorm(HFStyleRMSNorm):
-    """Named and shaped like one, computes something else (Gemma's 1 + weight)."""
 
     def forward(self, hidden_states):
         h = hidden_states.float()
@@ -57,14 +57,6 @@ def _ln():
 
 
 NORMS = {"layer_norm": _ln, "rms_norm": lambda: nn.RMSNorm(64), "hf_rms_norm": lambda: HFStyleRMSNorm(64)}
-
-
-def _grads(model, x):
-    model.zero_grad(set_to_none=True)
-    xr = x.clone().requires_grad_()
-    out = model(xr)
-    (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
-    return [xr.grad] + [p.grad for p in model.parameters()]
 
 
 @pytest.mark.parametrize("kind", list(NORMS))
