@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import time
+from typing import Callable
 
 import torch
 
@@ -47,6 +48,31 @@ def floor_and_error(
     return dict(floor=floor, error=err.max().item(), error_far=err[far].max().item())
 
 
+def gradient_floor_and_error(
+    act: Activation, dtype: torch.dtype, gradient: Callable[[torch.Tensor], torch.Tensor],
+    n: int = 2_000_000, seed: int = 0,
+) -> dict:
+    """floor_and_error for a whole forward and backward: gradient(x) is f'(x) as the
+    gradient of a y = f(x) that it computes itself from x in dtype (say, a compiled
+    Inverted module), so the rounding of that y counts too. The samples and the floor
+    are floor_and_error's; any registry activation (closed forms and formula twins invert
+    their float64 torch forward; samples within 1e-3 of a kink are left out)."""
+    x, _, _, exact, floor = _reference(act.name, dtype, n, seed)
+    err = (gradient(x.to(dtype)).double() - exact).abs()
+    far = (x - (_functions(act.name)[2] or 0.0)).abs() > 0.05
+    return dict(floor=floor, error=err.max().item(), error_far=err[far].max().item())
+
+
+def _functions(name: str):
+    """(f, f', x_min) in float64: the inverse's explicit formulas where it has them, else
+    the torch forward and its autograd derivative."""
+    act = get(name)
+    if name in SUPPORTED:
+        numerical = act.spec.inverse  # the registry's explicit float64 f and f'
+        return numerical.f, numerical.slope, _x_min(name)
+    return act.forward, act.derivative, act.x_min
+
+
 def _x_min(name: str) -> float | None:
     """The minimum to the last bit (f' = 0), as fewbit_fx.inverse finds it for its tables."""
     if get(name).monotone:
@@ -58,9 +84,7 @@ def _x_min(name: str) -> float | None:
 @functools.lru_cache(maxsize=2)
 def _reference(name: str, dtype: torch.dtype, n: int, seed: int):
     """Samples, rounded y, branch, exact f'(x) and the floor (the slow bisection part)."""
-    numerical = get(name).spec.inverse  # the registry's explicit float64 f and f'
-    f, slope = numerical.f, numerical.slope
-    x_min = _x_min(name)
+    f, slope, x_min = _functions(name)
     center = x_min if x_min is not None else 0.0
     gen = torch.Generator().manual_seed(seed)
     m = max(n // 20, 1000)
@@ -69,6 +93,8 @@ def _reference(name: str, dtype: torch.dtype, n: int, seed: int):
              torch.tensor([1e3, -1e3, 6e4, -6e4], dtype=torch.float64)]
     parts += [center + torch.linspace(-w, w, m, dtype=torch.float64) for w in (1e-4, 1e-3, 1e-2, 0.1)]
     x = torch.cat(parts).to(dtype).double()
+    for k in get(name).kinks:
+        x = x[(x - k).abs() > 1e-3]
     y = f(x).to(dtype)
     if x_min is None:
         right = None

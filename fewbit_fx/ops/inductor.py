@@ -33,7 +33,7 @@ def register() -> None:
         ops = torch.ops.fewbit_fx
         register_decomposition(ops.fewbit_forward.default)(fewbit.decomposed_forward)
         register_decomposition(ops.fewbit_backward.default)(fewbit._backward)
-        register_decomposition(ops.inverted_forward.default)(inverted._forward)
+        register_decomposition(ops.inverted_forward.default)(inverted._forward_compiled)
         register_decomposition(ops.inverted_backward.default)(inverted._backward_compiled)
         register_decomposition(ops.inverted_norm_forward.default)(norm._forward_compiled)
         register_decomposition(ops.inverted_norm_backward.default)(norm._backward)

@@ -25,7 +25,11 @@ class _InvertedInPlace(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, act: str, params: list[float]) -> Tensor:
         mask = inverted.branch_mask(x, act, params)
-        from_op_args(act, params).forward_(x)
+        a = from_op_args(act, params)
+        if torch.compiler.is_compiling():  # Inductor's y, as the out-of-place op's
+            x.copy_(inverted.compiled_output(a, x))
+        else:
+            a.forward_(x)
         ctx.mark_dirty(x)
         ctx.act, ctx.params = act, params
         ctx.save_for_backward(x, mask)  # x holds y now

@@ -43,13 +43,43 @@ def branch_mask(x: Tensor, act: str, params: list[float]) -> Tensor:
     return mask
 
 
-def _forward(x, act, params):
+def _forward(x, act, params, output=None):
     check_input(x, "Inverted")
     a = from_op_args(act, params)
-    y = a.forward(x)
+    y = a.forward(x) if output is None else output(a, x)
     if not a.saves_mask(x.dtype):
         return y, x.new_empty(0, dtype=torch.uint8)
     return y, pack(a.mask_bit(x.to(compare_dtype(x.dtype))), 1)
+
+
+def _forward_compiled(x, act, params):
+    """Inductor's version: y = compiled_output(f, x)."""
+    return _forward(x, act, params, compiled_output)
+
+
+def compiled_output(a: Activation, x: Tensor) -> Tensor:
+    """y = f(x) as the compiled forward computes it: f in float64, rounded once to float32,
+    for float32 x and an f' read back by the numerical inverse; else f as torch writes it.
+
+    The numerical inverse is accurate to the floor of a correctly rounded y (within
+    0.5 ulp), and near the minimum, where f' ~ sqrt(2 f'' (y - y_min)), every ulp of y
+    costs: Inductor's float32 GELU, 0.5 x (1 + erf(x / sqrt 2)), is off by up to ~6 ulps
+    there (its vectorised erf has ~1e-7 absolute error, and 1 + erf cancels), which gave
+    f' errors of ~3e-4 against a floor of 5e-5; tanh-GELU is off by ~3 ulps, SiLU and Mish
+    by up to ~2 (eager torch is no better: its y stays torch's own, see inverted_forward).
+    In float64 every one is correctly rounded (1.7-3x the forward's cost, one fused
+    kernel), so only where float32 misses 2x the floor: GELU (both forms) and Mish, and
+    their formula twins; SiLU (1.7x the floor, and 10x the cost in float64) and Tanhshrink
+    keep float32. Half x needs nothing: Inductor computes it in float32 and rounds once.
+    Closed forms read f' from y directly, so an ulp of y costs an ulp of f'.
+    """
+    base = a.twin[0] if a.twin is not None else a
+    if x.dtype == torch.float32 and base.name in FLOAT64_FORWARD:
+        return a.forward(x.double()).to(x.dtype)
+    return a.forward(x)
+
+
+FLOAT64_FORWARD = ("gelu", "gelu_tanh", "mish")  # see compiled_output
 
 
 @torch.library.custom_op("fewbit_fx::inverted_backward", mutates_args=())

@@ -1,0 +1,102 @@
+"""Inverted under torch.compile (Inductor, CPU): f'(x) against the rounding floor of y's
+dtype, as tests/test_inverse.py holds the eager inverse to it.
+
+Here the whole step is compiled: Inductor's forward computes y from x, the op's backward
+decomposition recovers f'(x) from that y. So the forward's rounding of y counts too (the
+eager test feeds the inverse a correctly rounded y): near the minimum of GELU, SiLU, Mish,
+where f' ~ sqrt(y - y_min), a y a few ulps off costs several times the floor (Inductor's
+fp32 GELU gave 3.0e-4 against a floor of 4.8e-5).
+
+Samples and floor: fewbit_fx.evidence.inverse_floor (the eager tests' helper); grad = 1,
+so x.grad is f'(x) rounded to x's dtype. One compiled module per activation, one graph
+per dtype (dynamic=False).
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from fewbit_fx.activations import SUPPORTED, get
+from fewbit_fx.evidence.inverse_floor import gradient_floor_and_error
+from fewbit_fx.inverse import SUPPORTED as NUMERICAL
+from fewbit_fx.ops.inverted import FLOAT64_FORWARD
+from fewbit_fx.nn import Inverted
+
+N = 10_000  # as tests/test_inverse.py
+HALF = [torch.float16, torch.bfloat16]
+# Formula twins: the backward inverts the twin (quick_gelu: silu at 1.702 x), the forward
+# is the Hugging Face formula Inductor compiles.
+TWINS = ["gelu_erf_formula", "gelu_tanh_formula", "mish_formula", "quick_gelu", "swish"]
+CLOSED = ["sigmoid", "tanh", "softplus", "elu", "hardswish", "logsigmoid", "softsign"]
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(name: str):
+    return torch.compile(Inverted(get(name)), dynamic=False, fullgraph=True)
+
+
+def _result(name: str, dtype: torch.dtype) -> dict:
+    module = _compiled(name)
+
+    def gradient(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone().requires_grad_(True)
+        module(x).backward(torch.ones_like(x))
+        return x.grad
+
+    return gradient_floor_and_error(get(name), dtype, gradient, n=N)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_dynamo():
+    # Every module's forward is Inverted.forward: one code object, a graph per activation
+    # and dtype (Dynamo's default limit is 8 per code object).
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=64):
+        yield
+    _compiled.cache_clear()
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", [*NUMERICAL, *TWINS, *CLOSED])
+def test_float32_within_twice_the_floor(name):
+    r = _result(name, torch.float32)
+    assert r["error"] <= 2 * r["floor"] + 1e-5, r
+    if name in FLOAT64_FORWARD:  # y correctly rounded: the floor plus fp32 rounding
+        assert r["error"] <= 1.05 * r["floor"] + 5e-7, r
+    if name in NUMERICAL:  # away from the minimum: a few fp32 roundings (Inductor's SiLU: 6e-7)
+        assert r["error_far"] <= (5e-7 if name in FLOAT64_FORWARD else 1e-6), r
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("name", [*NUMERICAL, "quick_gelu", "hardswish"])
+def test_half_within_the_floor_plus_output_rounding(name, dtype):
+    # x.grad is f' rounded to dtype: up to eps / 2 on top of the floor (as the eager test).
+    r = _result(name, dtype)
+    assert r["error"] <= 2 * r["floor"] + torch.finfo(dtype).eps / 2, r
+    if name != "tanhshrink":  # its floor is below eps / 2; the others' far above it
+        assert r["error"] <= 1.05 * r["floor"], r
+
+
+def test_every_activation_with_a_numerical_inverse_is_covered():
+    inverted = {n for n in SUPPORTED if not get(n).exact_from_output}
+    twins = {n for n in inverted if get(n).twin is not None}
+    assert inverted - twins == set(NUMERICAL)
+    # The twins left out compile the same twin's inverse as one of TWINS (the gelu_tanh
+    # spellings differ from gelu_tanh_formula only in how they write the tanh argument).
+    assert {get(n).twin[0].name for n in twins} == {get(n).twin[0].name for n in TWINS}
+
+
+def test_in_place_variant_too(name="gelu"):
+    # Inverted(inplace=True) is an autograd.Function around the pieces, not the custom op.
+    # (Not fullgraph: Dynamo traces into the lazy x_min bisection of the branch mask.)
+    module = torch.compile(Inverted(get(name), inplace=True), dynamic=False)
+
+    def gradient(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone().requires_grad_(True)
+        module(x * 1.0).backward(torch.ones_like(x))  # in place needs a non-leaf input
+        return x.grad
+
+    r = gradient_floor_and_error(get(name), torch.float32, gradient, n=N)
+    assert r["error"] <= 1.05 * r["floor"] + 5e-7, r
