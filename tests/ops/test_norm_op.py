@@ -206,7 +206,8 @@ def test_rms_norm_is_exact_to_a_few_ulp():
         assert max_err(o, r) <= 2 * max_err(t, r) + 4 * torch.finfo(torch.float32).eps * float(r.abs().max())
 
 
-def test_chunked_backward_equals_whole():
+def test_chunked_backward_equals_whole(monkeypatch):
+    monkeypatch.setenv("FEWBIT_FX_CPU_KERNELS", "0")  # the torch-op path, in row blocks
     x, w, b, up = make("layer_norm", torch.float32, rows=3000, n=64, seed=5)
     y, (mean, rstd, side, idx), _ = op_grads("layer_norm", x, w, b, up)
     args = (up, y, mean, rstd, side, idx, w, b, "layer_norm", 1, False)
@@ -215,6 +216,24 @@ def test_chunked_backward_equals_whole():
     torch.testing.assert_close(chunked[0], whole[0], rtol=0, atol=0)
     for a, c in zip(chunked[1:], whole[1:]):
         torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_compiled_cpu_backward_equals_the_torch_ops(kind, monkeypatch):
+    """Long tensors take one Inductor-compiled kernel (fewbit_fx.kernels.cpu): the same
+    gradients as the torch ops, but for the order of the sums over rows."""
+    gamma = 1 + 0.5 * torch.randn(64, generator=_gen(2), dtype=torch.float64)
+    gamma[[3, 10]] = 0  # with unsafe channels (the side columns)
+    x, w, b, up = make(kind, torch.float32, rows=3000, n=64, seed=6, gamma=gamma)
+    y, (mean, rstd, side, idx), _ = op_grads(kind, x, w, b, up)
+    assert idx.numel() >= 2
+    args = (up, y, mean, rstd, side, idx, w, b, kind, 1, False)
+    compiled = norm_mod._compiled_backward(*args)
+    assert compiled is not None, "the compiled kernel failed"
+    whole = norm_mod._backward(*args)
+    torch.testing.assert_close(compiled[0], whole[0], rtol=1e-5, atol=1e-6)
+    for a, c in zip(compiled[1:], whole[1:]):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-4)
 
 
 # --- the guard -------------------------------------------------------------------------------
