@@ -79,7 +79,12 @@ def compiled_output(a: Activation, x: Tensor) -> Tensor:
     return a.forward(x)
 
 
-FLOAT64_FORWARD = ("gelu", "gelu_tanh", "mish")  # see compiled_output
+# Where the compiled forward computes f in float64 (see compiled_output). Empty: for GELU
+# (both forms) and Mish it reaches the floor (compiled GELU f' error 3.05e-4 -> 4.76e-5)
+# but costs 1.15-1.27x a compiled GELU model's step (reports/benchmarks.md, small scale);
+# until a cheaper correctly-rounded forward exists, the compiled step stays as fast as
+# Inductor's. FLOAT64_FORWARD = ("gelu", "gelu_tanh", "mish") turns it on.
+FLOAT64_FORWARD: tuple[str, ...] = ()
 
 
 @torch.library.custom_op("fewbit_fx::inverted_backward", mutates_args=())

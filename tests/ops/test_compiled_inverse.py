@@ -59,7 +59,17 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("name", [*NUMERICAL, *TWINS, *CLOSED])
+# Open (#16 item 4): Inductor's fp32 GELU forward is up to 6 ulps off near the minimum,
+# so the compiled f' error is ~3x the floor. The float64 forward that fixes it costs
+# 1.15-1.27x a compiled step, so it is off by default (inverted.FLOAT64_FORWARD);
+# test_float64_forward_reaches_the_floor checks it turned on.
+OPEN_FP32 = {"gelu", "gelu_tanh", "gelu_erf_formula", "gelu_tanh_formula"}
+_OPEN = pytest.mark.xfail(strict=True, reason="compiled fp32 GELU forward is up to 6 ulps off "
+                                              "near the minimum; the float64 fix is off by default")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_OPEN) if n in OPEN_FP32 else n
+                                  for n in [*NUMERICAL, *TWINS, *CLOSED]])
 def test_float32_within_twice_the_floor(name):
     r = _result(name, torch.float32)
     assert r["error"] <= 2 * r["floor"] + 1e-5, r
@@ -88,9 +98,37 @@ def test_every_activation_with_a_numerical_inverse_is_covered():
     assert {get(n).twin[0].name for n in twins} == {get(n).twin[0].name for n in TWINS}
 
 
-def test_in_place_variant_too(name="gelu"):
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "gelu_erf_formula", "mish"])
+def test_float64_forward_reaches_the_floor(name, monkeypatch):
+    from fewbit_fx.ops import inverted
+
+    monkeypatch.setattr(inverted, "FLOAT64_FORWARD", ("gelu", "gelu_tanh", "mish"))
+    torch._dynamo.reset()  # a fresh trace: the decomposition reads the setting then
+    # and no cached kernel: the caches' keys do not include the setting
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    module = torch.compile(Inverted(get(name)), dynamic=False, fullgraph=True)
+
+    def gradient(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone().requires_grad_(True)
+        module(x).backward(torch.ones_like(x))
+        return x.grad
+
+    r = gradient_floor_and_error(get(name), torch.float32, gradient, n=N)
+    assert r["error"] <= 1.05 * r["floor"] + 5e-7, r
+    torch._dynamo.reset()
+    _compiled.cache_clear()
+
+
+def test_in_place_variant_too(monkeypatch, name="gelu"):
     # Inverted(inplace=True) is an autograd.Function around the pieces, not the custom op.
     # (Not fullgraph: Dynamo traces into the lazy x_min bisection of the branch mask.)
+    from fewbit_fx.ops import inverted
+
+    monkeypatch.setattr(inverted, "FLOAT64_FORWARD", ("gelu", "gelu_tanh", "mish"))
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    torch._dynamo.reset()
     module = torch.compile(Inverted(get(name), inplace=True), dynamic=False)
 
     def gradient(x: torch.Tensor) -> torch.Tensor:
