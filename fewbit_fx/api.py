@@ -27,12 +27,13 @@ class Analysis:
 
 
 def analyse(model: nn.Module, args: tuple, kwargs: dict, mode: str, bits: int,
-           overrides: dict[str, str] | None) -> Analysis:
+           overrides: dict[str, str] | None, norms: bool = False) -> Analysis:
     """Capture the model once and decide every site (no change to the model)."""
     decide.check_mode(mode)
     check_bits(bits)
     cap = capture.capture(model, args, kwargs)
-    planned = plan_graphs(cap.graphs, mode, bits, overrides, links=cap.links, model=model)
+    planned = plan_graphs(cap.graphs, mode, bits, overrides, links=cap.links,
+                          model=model if norms else None)
     _warn_unmatched_overrides(overrides, [p.site.name for p in planned])
     return Analysis(planned, mode, bits,
                 cap.notes + detect.unseen_activation_modules(model, cap.graphs)
@@ -55,7 +56,7 @@ def _warn_unmatched_overrides(overrides, names: list[str]) -> None:
 
 def optimize(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode: str = "auto",
              bits: int = 3, overrides: dict[str, str] | None = None,
-             tables: str = "fitted") -> nn.Module:
+             tables: str = "fitted", norms: bool = False) -> nn.Module:
     """Rewrite the model's activations in place and return it.
 
     With example inputs the analysis runs now; without, on the first call (on copies of
@@ -66,19 +67,24 @@ def optimize(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode
     `tables`: "fitted" fits each few-bit table to the inputs that site sees on the example
     inputs (one extra no-grad forward) and refits it to its inputs during eager training
     (FewBit.schedule_refits); "normal" uses the tables fitted for N(0, 1) inputs.
+    `norms`: also rewrite LayerNorm/RMSNorm modules whose output a consumer keeps
+    (InvertedNorm): a large further saving on transformers, but eager CPU steps are slower
+    today (README), so off by default.
     A model that was optimized before is decided afresh (its earlier rewrites undone first).
     """
     decide.check_mode(mode)
     check_bits(bits)
     decide.check_overrides(overrides)
     calibration.check_tables(tables)
+    _check_norms(norms)
     _check_model(model, "optimize")
     if example_inputs is None and example_kwargs is None:
-        _AnalyseOnFirstCall.install(model, dict(mode=mode, bits=bits, overrides=overrides, tables=tables))
+        _AnalyseOnFirstCall.install(model, dict(mode=mode, bits=bits, overrides=overrides, tables=tables,
+                                                      norms=norms))
         return model
     args, kwargs = normalise(example_inputs, example_kwargs)
     rewrite.undo(model)
-    p = analyse(model, *analysis_copy(args, kwargs), mode, bits, overrides)
+    p = analyse(model, *analysis_copy(args, kwargs), mode, bits, overrides, norms)
     applied = rewrite.apply(model, p.planned)
     fits = _calibrate(model, applied, *analysis_copy(args, kwargs), tables)
     model._fewbit_report = _report_from(p, applied.failures, fits, tables)  # noqa: SLF001 - read by report()
@@ -88,6 +94,11 @@ def optimize(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode
                       "so nothing was rewritten" + (f" ({'; '.join(p.unrecognised)})" if p.unrecognised
                                                     else ""), UserWarning, stacklevel=2)
     return model
+
+
+def _check_norms(norms) -> None:
+    if not isinstance(norms, bool):
+        raise TypeError(f"norms must be True or False (rewrite LayerNorm/RMSNorm modules too), got {norms!r}")
 
 
 def _check_model(model, verb: str) -> None:
@@ -191,7 +202,7 @@ def _calibrate(model, applied: rewrite.Applied, args, kwargs, tables: str) -> di
 
 def report(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode: str = "auto",
            bits: int = 3, overrides: dict[str, str] | None = None, measure: bool = True,
-           compiled: bool = False, tables: str = "fitted") -> Report:
+           compiled: bool = False, tables: str = "fitted", norms: bool = False) -> Report:
     """Dry run: what optimize() would do, per site, without touching the model.
 
     With `measure`, one real forward/backward of the original and of the rewritten model
@@ -200,9 +211,10 @@ def report(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode: 
     and buffers and RNG are restored. With `compiled`, the rows compare
     torch.compile's default with the fewbit backend, read from the partitioned graphs
     (copies of the model are compiled; the model itself is untouched; the backend's
-    tables are the N(0, 1) ones). `tables` as in optimize().
+    tables are the N(0, 1) ones). `tables` and `norms` as in optimize() (norms: eager only).
     """
     calibration.check_tables(tables)
+    _check_norms(norms)
     decide.check_overrides(overrides)
     _check_model(model, "report")
     if compiled:
@@ -228,13 +240,14 @@ def report(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode: 
     # was before optimize, and its rewrites are restored afterwards.
     undone = rewrite.undo(model)
     try:
-        return _dry_run(model, args, kwargs, mode, bits, overrides, measure, tables, len(undone))
+        return _dry_run(model, args, kwargs, mode, bits, overrides, measure, tables, len(undone), norms)
     finally:
         undone.redo()
 
 
-def _dry_run(model, args, kwargs, mode, bits, overrides, measure, tables, done: int) -> Report:
-    p = analyse(model, *analysis_copy(args, kwargs), mode, bits, overrides)
+def _dry_run(model, args, kwargs, mode, bits, overrides, measure, tables, done: int,
+             norms: bool = False) -> Report:
+    p = analyse(model, *analysis_copy(args, kwargs), mode, bits, overrides, norms)
     checkpointed = any(item.site.checkpointed for item in p.planned)
     if measure:
         before = measure_step(model, *analysis_copy(args, kwargs))

@@ -134,7 +134,7 @@ def cmd_report(a) -> int:
     t = time.perf_counter()
     rep = fewbit_fx.report(model, example_inputs=args, example_kwargs=kwargs, mode=a.mode,
                            bits=a.bits, overrides=overrides, measure=not a.no_measure,
-                           compiled=a.compiled, tables=a.tables)
+                           compiled=a.compiled, tables=a.tables, norms=a.norms)
     print(rep.to_json(indent=2) if a.json else rep)
     if not a.json:
         print(f"(analysis and measurement took {time.perf_counter() - t:.1f} s)")
@@ -153,14 +153,14 @@ def cmd_demo(a) -> int:
     model, args, kwargs = load_model(a.model, a.scale)
     print(f"model: {a.model} ({a.scale}), {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
     rep = fewbit_fx.report(model, example_inputs=args, example_kwargs=kwargs, mode=a.mode,
-                           bits=a.bits, tables=a.tables)
+                           bits=a.bits, tables=a.tables, norms=a.norms)
     print(rep)
     with torch.no_grad():
         model.eval()
         before = scalar_loss(model(*args, **kwargs))
     model.train()
     fewbit_fx.optimize(model, example_inputs=args, example_kwargs=kwargs, mode=a.mode,
-                       bits=a.bits, tables=a.tables)
+                       bits=a.bits, tables=a.tables, norms=a.norms)
     with torch.no_grad():
         model.eval()
         after = scalar_loss(model(*args, **kwargs))
@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--bits", type=_bits, default=3, help="few-bit bits per element, 1 to 8 (default: 3)")
         s.add_argument("--tables", default="fitted", choices=calibration.TABLES,
                        help="few-bit tables fitted to the example inputs, or the N(0, 1) ones")
+        s.add_argument("--norms", action="store_true",
+                       help="also rewrite LayerNorm/RMSNorm modules (InvertedNorm; eager only)")
         s.add_argument("--verbose", action="store_true", help="on an error, show the underlying one too")
         if name == "report":
             s.add_argument("--override", action="append", default=[], metavar="PATTERN=VARIANT",

@@ -1014,6 +1014,7 @@ def check_eager(net: Net, mode: str) -> Outcome:
     """optimize() in one mode, checked against the original (module docstring)."""
     r = random.Random(f"{net.seed}:{mode}")
     bits, tables = r.choice([1, 2, 3, 3, 4]), r.choice(["fitted", "normal"])
+    norms = random.Random(f"{net.seed}:{mode}:norms").random() < 0.5  # InvertedNorm sites too
     out = Outcome(net, mode, "ok")
 
     def fail(check: str, msg: str) -> Outcome:
@@ -1036,10 +1037,12 @@ def check_eager(net: Net, mode: str) -> Outcome:
             warnings.simplefilter("ignore")
             with _autocast(net, net.autocast_at_optimize):
                 if mode == "auto->exact":
-                    fewbit_fx.optimize(model, example_inputs=(x,), mode="auto", bits=bits, tables=tables)
-                    fewbit_fx.optimize(model, example_inputs=(x,), mode="exact")
+                    fewbit_fx.optimize(model, example_inputs=(x,), mode="auto", bits=bits, tables=tables,
+                                       norms=norms)
+                    fewbit_fx.optimize(model, example_inputs=(x,), mode="exact", norms=norms)
                 else:
-                    fewbit_fx.optimize(model, example_inputs=(x,), mode=mode, bits=bits, tables=tables)
+                    fewbit_fx.optimize(model, example_inputs=(x,), mode=mode, bits=bits, tables=tables,
+                                       norms=norms)
     except Exception as e:  # noqa: BLE001
         return fail("optimize-raises", f"{type(e).__name__}: {e}\n{_tail(e)}")
     if not same(base.detach(), base_before) or base.grad is not None:

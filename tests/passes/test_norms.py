@@ -1,5 +1,6 @@
-"""Norm sites (#15 part 3): LayerNorm / RMSNorm modules whose output a consumer keeps are
-swapped for InvertedNorm (backward keeps y and per-row statistics, not x)."""
+"""Norm sites (#15 part 3, `norms=True`): LayerNorm / RMSNorm modules whose output a
+consumer keeps are swapped for InvertedNorm (backward keeps y and per-row statistics, not
+x). Off by default: nothing changes without it."""
 from __future__ import annotations
 
 import copy
@@ -64,10 +65,10 @@ def test_a_norm_before_a_linear_is_inverted_exactly(kind):
     torch.manual_seed(0)
     model, x = Block(NORMS[kind]()), torch.randn(256, 16)
     reference = copy.deepcopy(model)
-    r = fewbit_fx.report(model, example_inputs=(x,), mode="exact")
+    r = fewbit_fx.report(model, example_inputs=(x,), mode="exact", norms=True)
     (row,) = [row for row in r.rows if row.site == "norm"]
     assert row.activation == kind and row.variant == "inverted" and "down" in row.reason
-    optimized = fewbit_fx.optimize(copy.deepcopy(model), example_inputs=(x,), mode="exact")
+    optimized = fewbit_fx.optimize(copy.deepcopy(model), example_inputs=(x,), mode="exact", norms=True)
     assert isinstance(optimized.norm, InvertedNorm)
     assert optimized.norm.weight is not reference.norm.weight  # a copy's own parameters...
     assert list(optimized.state_dict()) == list(reference.state_dict())  # ...under the same keys
@@ -94,21 +95,21 @@ def test_a_norm_whose_output_nobody_keeps_stays():
             h = self.up(x)
             return (h + self.norm(h)).sum(-1)
 
-    r = fewbit_fx.report(Residual(), example_inputs=(torch.randn(8, 16),), mode="exact")
+    r = fewbit_fx.report(Residual(), example_inputs=(torch.randn(8, 16),), mode="exact", norms=True)
     (row,) = r.rows
     assert row.variant == "kept" and "no consumer keeps its output" in row.reason
 
 
 def test_a_look_alike_rms_norm_is_left_alone():
     model, x = Block(LookAlikeRMSNorm(64)), torch.randn(32, 16)
-    optimized = fewbit_fx.optimize(copy.deepcopy(model), example_inputs=(x,), mode="exact")
+    optimized = fewbit_fx.optimize(copy.deepcopy(model), example_inputs=(x,), mode="exact", norms=True)
     assert isinstance(optimized.norm, LookAlikeRMSNorm)
-    assert not any(r.site == "norm" for r in fewbit_fx.report(model, example_inputs=(x,)).rows)
+    assert not any(r.site == "norm" for r in fewbit_fx.report(model, example_inputs=(x,), norms=True).rows)
 
 
 def test_persistence_and_re_deciding():
     model, x = Block(_ln()), torch.randn(32, 16)
-    optimized = fewbit_fx.optimize(copy.deepcopy(model), example_inputs=(x,), mode="exact")
+    optimized = fewbit_fx.optimize(copy.deepcopy(model), example_inputs=(x,), mode="exact", norms=True)
     buf = io.BytesIO()
     torch.save(optimized, buf)
     buf.seek(0)
@@ -117,9 +118,8 @@ def test_persistence_and_re_deciding():
     assert isinstance(copy.deepcopy(optimized).norm, InvertedNorm)
     optimized.load_state_dict(model.state_dict(), strict=True)
     model.load_state_dict(optimized.state_dict(), strict=True)
-    again = fewbit_fx.optimize(optimized, example_inputs=(x,), mode="exact",
-                               overrides={"norm": "keep"})
-    assert isinstance(again.norm, nn.LayerNorm)  # undone and decided afresh: kept
+    again = fewbit_fx.optimize(optimized, example_inputs=(x,), mode="exact")
+    assert isinstance(again.norm, nn.LayerNorm)  # undone and decided afresh: norms are opt-in
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
@@ -127,7 +127,7 @@ def test_real_models_forward_unchanged_and_gradients_exact(name):
     model, args, kwargs = models.build(name, "tiny")
     reference = copy.deepcopy(model)
     optimized = fewbit_fx.optimize(copy.deepcopy(model), example_inputs=args, example_kwargs=kwargs,
-                                   mode="exact")
+                                   mode="exact", norms=True)
     assert any(isinstance(m, InvertedNorm) for m in optimized.modules())
     out, want = optimized(*args, **kwargs), reference(*args, **kwargs)
     logits = out.logits if hasattr(out, "logits") else out
@@ -142,3 +142,11 @@ def test_real_models_forward_unchanged_and_gradients_exact(name):
             err = float((p.grad - q.grad).norm() / max(float(q.grad.norm()), 1e-30))
             assert err < 1e-4, (n, err)
     assert measure_step(optimized, args, kwargs) < measure_step(reference, args, kwargs)
+
+
+def test_norms_are_opt_in_and_checked():
+    model, x = Block(_ln()), torch.randn(32, 16)
+    assert not any(r.site == "norm" for r in fewbit_fx.report(model, example_inputs=(x,)).rows)
+    assert isinstance(fewbit_fx.optimize(copy.deepcopy(model), example_inputs=(x,)).norm, nn.LayerNorm)
+    with pytest.raises(TypeError, match="norms must be True or False"):
+        fewbit_fx.optimize(model, example_inputs=(x,), norms="yes")

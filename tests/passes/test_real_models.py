@@ -34,21 +34,12 @@ PLAIN = [n for n in NAMES if n not in HF]
 # at least one site).
 EXPECTED = {
     "auto": {
-        # norms whose output a Linear keeps are inverted (InvertedNorm); one whose output is
-        # returned (BERT's last, ViT's final) is kept
-        "gpt2": {"transformer.h.*.mlp.act": "inverted",  # NewGELUActivation, kept by c_proj
-                 "transformer.h.*.ln_*": "inverted", "transformer.ln_f": "inverted"},
+        "gpt2": {"transformer.h.*.mlp.act": "inverted"},  # NewGELUActivation, kept by c_proj
         "bert": {"encoder.layer.*.intermediate.intermediate_act_fn": "inverted",
-                 "pooler.activation": "kept",  # tanh keeps y, which is returned anyway
-                 "embeddings.LayerNorm": "inverted", "encoder.layer.0.*LayerNorm": "inverted",
-                 "encoder.layer.1.attention.output.LayerNorm": "inverted",
-                 "encoder.layer.1.output.LayerNorm": "kept"},
-        "llama": {"model.layers.*.mlp.act_fn": "inverted",  # SiLU, y kept by the mul with up_proj
-                  "model.layers.*layernorm": "inverted", "model.norm": "inverted"},
-        "mistral": {"model.layers.*.mlp.act_fn": "inverted",
-                    "model.layers.*layernorm": "inverted", "model.norm": "inverted"},
-        "vit": {"layers.*.mlp.activation_fn": "inverted", "pooler.activation": "kept",
-                "layers.*.layernorm_*": "inverted", "layernorm": "kept"},
+                 "pooler.activation": "kept"},  # tanh keeps y, which is returned anyway
+        "llama": {"model.layers.*.mlp.act_fn": "inverted"},  # SiLU, y kept by the mul with up_proj
+        "mistral": {"model.layers.*.mlp.act_fn": "inverted"},
+        "vit": {"layers.*.mlp.activation_fn": "inverted", "pooler.activation": "kept"},
         "mlp-functional": {"<root>:gelu#*": "inverted", "<root>:sigmoid#*": "fewbit-3",
                            "<root>:tanh#*": "kept"},
         "reuse": {"blocks.*.act": "inverted"},
@@ -277,3 +268,30 @@ def test_first_call_already_rewritten_for_root_functional_sites():
     _, grads = step(model, args, kwargs)
     # auto mode makes the root's torch.sigmoid few-bit: its gradient must differ
     assert not all(torch.equal(grads[n], e) for n, e in expected_grads.items())
+
+
+# --- norms=True: LayerNorm / RMSNorm modules too ---------------------------------------------
+NORMS_EXPECTED = {  # a norm whose output a Linear keeps is inverted; one returned is kept
+    "gpt2": {"transformer.h.*.mlp.act": "inverted", "transformer.h.*.ln_*": "inverted",
+             "transformer.ln_f": "inverted"},
+    "bert": {"encoder.layer.*.intermediate.intermediate_act_fn": "inverted", "pooler.activation": "kept",
+             "embeddings.LayerNorm": "inverted", "encoder.layer.0.*LayerNorm": "inverted",
+             "encoder.layer.1.attention.output.LayerNorm": "inverted",
+             "encoder.layer.1.output.LayerNorm": "kept"},
+    "llama": {"model.layers.*.mlp.act_fn": "inverted", "model.layers.*layernorm": "inverted",
+              "model.norm": "inverted"},
+    "vit": {"layers.*.mlp.activation_fn": "inverted", "pooler.activation": "kept",
+            "layers.*.layernorm_*": "inverted", "layernorm": "kept"},
+}
+
+
+@pytest.mark.parametrize("name", list(NORMS_EXPECTED))
+def test_norms_estimate_vs_measured(name):
+    model, args, kwargs = build(name)
+    rep = fewbit_fx.report(model, example_inputs=args, example_kwargs=kwargs, mode="auto", norms=True)
+    check_decisions(rep.rows, NORMS_EXPECTED[name])
+    estimated = rep.total_before - rep.total_after
+    measured = rep.measured_before - rep.measured_after
+    plain = auto_report(name)
+    assert measured > plain.measured_before - plain.measured_after  # more than activations alone
+    assert measured >= 0.99 * estimated
