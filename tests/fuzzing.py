@@ -1118,12 +1118,14 @@ def _eager_reference_for(original: nn.Module, plans: list) -> nn.Module | None:
     same N(0, 1) tables); None when a few-bit site is functional or a shared module's sites
     were decided differently (no eager counterpart)."""
     decided: dict[str, set] = collections.defaultdict(set)
+    acts = {}  # the site's activation: a user formula class is no torch module FewBit knows
     for plan in plans:
         for p in plan:
             if p.decision.variant == "fewbit" and not p.site.inplace:
                 if p.site.module_path is None:
                     return None
                 decided[p.site.module_path].add(p.decision.bits)
+                acts[p.site.module_path] = p.site.activation
             elif p.site.module_path is not None:
                 decided[p.site.module_path].add(None)
     ref = copy.deepcopy(original)
@@ -1135,7 +1137,7 @@ def _eager_reference_for(original: nn.Module, plans: list) -> nn.Module | None:
             continue
         parent, _, name = path.rpartition(".")
         owner = ref.get_submodule(parent) if parent else ref
-        setattr(owner, name, FewBit(getattr(owner, name), bits=b).train(ref.training))
+        setattr(owner, name, FewBit(acts[path], bits=b).train(ref.training))
     return ref
 
 
