@@ -163,11 +163,29 @@ _NOT_PROBED = ("torch.distributed", "torch._C._distributed", "torch.cuda", "torc
                "torch.autograd", "torch.utils", "torch._higher_order_ops", "torch._functorch")
 
 
+_PROBED = "fewbit_probed_saves"  # node.meta key: the probe's answer, found once per node
+
+
 def _probed_saves(node: fx.Node) -> list[fx.Node] | None:
     """The tensor arguments (and the node itself, for its output) that autograd keeps when
     the op runs: the op called once on meta tensors of the same shapes, strides, dtypes and
     requires_grad under saved_tensors_hooks. None when it cannot be probed (a user
-    function, which may have side effects; an op without a meta kernel)."""
+    function, which may have side effects; an op without a meta kernel). saved_inputs asks
+    for a node several times (graph, site, norm analyses): the answer is kept on the node,
+    as positions among its inputs (a copied graph's node reads them as its own)."""
+    if _PROBED not in node.meta:
+        found = _probe(node)
+        inputs = node.all_input_nodes
+        node.meta[_PROBED] = None if found is None else (
+            [inputs.index(n) for n in found if n is not node], node in found)
+    cached = node.meta[_PROBED]
+    if cached is None:
+        return None
+    inputs = node.all_input_nodes
+    return [inputs[i] for i in cached[0]] + ([node] if cached[1] else [])
+
+
+def _probe(node: fx.Node) -> list[fx.Node] | None:
     if node.op == "call_function":
         module = getattr(node.target, "__module__", None) or ""
         if module.split(".")[0] not in _PROBE_MODULES or module.startswith(_NOT_PROBED) or \

@@ -47,8 +47,7 @@ def codes(x: Tensor, act: str, params: list[float], borders: Tensor, levels: Ten
             return packed
     a, dt = from_op_args(act, params), compare_dtype(x.dtype)
     if not chunkable(x):
-        xs = x.to(dt).contiguous()  # bucketize would copy anyway, with a warning
-        return torch.cat([pack(torch.bucketize(xs, borders.to(dt)), bits), _flag(a, xs)])
+        return _packed_codes(x, a, borders, bits)
     flat, b = x.view(-1), borders.to(dt)
     packed = x.new_empty(packed_nbytes(x.numel(), bits) + 1, dtype=torch.uint8)
     packed[-1:] = 0
@@ -62,13 +61,17 @@ def codes(x: Tensor, act: str, params: list[float], borders: Tensor, levels: Ten
 def _forward(x, act, params, borders, bits, search=torch.bucketize):
     check_input(x, "FewBit")
     a = from_op_args(act, params)
-    y = a.forward(x)
+    return a.forward(x), _packed_codes(x, a, borders, bits, search)
+
+
+def _packed_codes(x, a: Activation, borders, bits, search=torch.bucketize):
+    """The whole tensor's packed codes and flag byte (`search`: Inductor's is
+    _interval_index)."""
     dt = compare_dtype(x.dtype)
     xs = x.to(dt)
     if search is torch.bucketize:
         xs = xs.contiguous()  # bucketize would copy anyway, with a warning
-    codes = search(xs, borders.to(dt))
-    return y, torch.cat([pack(codes, bits), _flag(a, xs)])
+    return torch.cat([pack(search(xs, borders.to(dt)), bits), _flag(a, xs)])
 
 
 def _flag(a: Activation, xs: Tensor) -> Tensor:

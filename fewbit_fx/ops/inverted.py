@@ -36,7 +36,7 @@ def branch_mask(x: Tensor, act: str, params: list[float]) -> Tensor:
         if mask is not None:
             return mask
     if not chunkable(x):
-        return pack(a.mask_bit(x.to(compare_dtype(x.dtype))), 1)
+        return _whole_mask(x, a)
     flat, mask = x.view(-1), x.new_empty(packed_nbytes(x.numel(), 1), dtype=torch.uint8)
     for s, e in chunks(flat.numel()):
         mask[s // 8:(e + 7) // 8] = pack(a.mask_bit(flat[s:e].to(compare_dtype(x.dtype))), 1)
@@ -47,9 +47,14 @@ def _forward(x, act, params, output=None):
     check_input(x, "Inverted")
     a = from_op_args(act, params)
     y = a.forward(x) if output is None else output(a, x)
+    return y, _whole_mask(x, a)
+
+
+def _whole_mask(x: Tensor, a: Activation) -> Tensor:
+    """The whole tensor's packed mask (empty where y alone tells the branch)."""
     if not a.saves_mask(x.dtype):
-        return y, x.new_empty(0, dtype=torch.uint8)
-    return y, pack(a.mask_bit(x.to(compare_dtype(x.dtype))), 1)
+        return x.new_empty(0, dtype=torch.uint8)
+    return pack(a.mask_bit(x.to(compare_dtype(x.dtype))), 1)
 
 
 def _forward_compiled(x, act, params):
