@@ -4,7 +4,10 @@
     FewBit(nn.GELU()).fit(x)    # the same, with the table fitted to inputs like x
     Inverted(nn.GELU())         # backward keeps the output y (+1 bit); exact to the floor
     Inverted(nn.LayerNorm(d))   # backward keeps y and per-row statistics, not x (also
-                                # nn.RMSNorm and Hugging Face's RMSNorm; the same Parameters)
+                                # nn.RMSNorm and aten-op RMSNorms: Hugging Face's, T5's;
+                                # the same Parameters)
+    InvertedNormCall("layer_norm", (d,))  # one F.layer_norm / F.rms_norm call site, with
+                                          # the call's own weight and bias (passes use it)
 
 Both return exactly what the wrapped module returns. Like it, they write into their
 input only with inplace=True (the default follows the wrapped module's own `inplace`):
@@ -174,17 +177,74 @@ class Inverted(nn.Module):
 
 def norm_kind(module) -> str | None:
     """The fewbit_fx.ops.norm formula a norm module computes, or None for other modules:
-    nn.LayerNorm, nn.RMSNorm, and Hugging Face's RMSNorm (a class named *RMSNorm with
-    `variance_epsilon` and a `weight`, computing weight * (x_f32 * rsqrt(...)).to(dtype):
-    Llama, Mistral, Qwen2; not Gemma's (1 + weight))."""
+    nn.LayerNorm, nn.RMSNorm, and any module written as the aten-op RMSNorm, recognised by
+    what it computes, not by its name (see _probed_rms_kind): Hugging Face's RMSNorm
+    (Llama, Mistral, Qwen2) is hf_rms_norm, T5's T5LayerNorm t5_rms_norm, the formula
+    written without casts uncast_rms_norm; Gemma's
+    (1 + weight) and other look-alikes compute something else and are None."""
     if isinstance(module, nn.LayerNorm):
         return "layer_norm"
     if isinstance(module, nn.RMSNorm):
         return "rms_norm"
-    if (isinstance(module, nn.Module) and type(module).__name__.endswith("RMSNorm")
-            and hasattr(module, "variance_epsilon") and isinstance(getattr(module, "weight", None), nn.Parameter)
-            and "Gemma" not in type(module).__name__):
-        return "hf_rms_norm"
+    if _rms_candidate(module):
+        return _probed_rms_kind(module)
+    return None
+
+
+# torch's own norms with a 1-D weight and an eps, which compute something else
+_OTHER_TORCH_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LocalResponseNorm)
+_PROBED_KINDS = ("hf_rms_norm", "t5_rms_norm", "uncast_rms_norm")
+
+
+def _eps(module) -> float | None:
+    """The epsilon an aten-op RMSNorm adds: its `variance_epsilon` (Hugging Face) or `eps`."""
+    for name in ("variance_epsilon", "eps"):
+        value = getattr(module, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _rms_candidate(module) -> bool:
+    """Shaped like an aten-op RMSNorm: a leaf module with a 1-D float `weight` Parameter
+    and an epsilon, not one of torch's other norms. Only such modules are probed."""
+    if not isinstance(module, nn.Module) or isinstance(module, _OTHER_TORCH_NORMS) or module._modules:
+        return False
+    weight = module._parameters.get("weight")
+    return (isinstance(weight, nn.Parameter) and weight.dim() == 1 and weight.is_floating_point()
+            and _eps(module) is not None)
+
+
+def _probed_rms_kind(module: nn.Module) -> str | None:
+    """The kind whose formula the module's forward reproduces bit for bit on probe inputs,
+    or None. Probed with x in fp32 and in bf16 and a random weight of the module's weight
+    dtype put in place of its own for the probe (a weight of ones would hide a forward
+    that ignores it or adds 1 to it), no autograd, buffers and RNG restored. fp32 and bf16
+    x tell the kinds apart: they agree where x and weight are fp32 and differ in bf16."""
+    from fewbit_fx._state import preserved_state
+
+    own = module._parameters["weight"]
+    n, eps = own.shape[0], _eps(module)
+    if n == 0:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    w = nn.Parameter((torch.rand(n, generator=gen) * 2 - 0.5).to(own.dtype), requires_grad=own.requires_grad)
+    xs = [(torch.randn(3, n, generator=gen) * 3).to(dt) for dt in (torch.float32, torch.bfloat16)]
+    module._parameters["weight"] = w
+    try:
+        with torch.no_grad(), preserved_state(module):
+            w.data = w.data.to(own.device)
+            xs = [x.to(own.device) for x in xs]
+            got = [module.forward(x) for x in xs]
+            for kind in _PROBED_KINDS:
+                want = [plain_norm(x, kind, [n], w, None, eps) for x in xs]
+                if all(isinstance(g, torch.Tensor) and g.dtype == v.dtype and g.shape == v.shape
+                       and torch.equal(g, v) for g, v in zip(got, want)):
+                    return kind
+    except Exception:  # noqa: BLE001 - any other signature, device or behaviour: not this formula
+        return None
+    finally:
+        module._parameters["weight"] = own
     return None
 
 
@@ -200,10 +260,10 @@ class InvertedNorm(Inverted):
         nn.Module.__init__(self)
         self.kind = norm_kind(norm)
         if self.kind is None:
-            raise TypeError(f"fewbit-fx: Inverted norms take nn.LayerNorm, nn.RMSNorm or a Hugging "
-                            f"Face RMSNorm, got {type(norm).__name__}")
-        if self.kind == "hf_rms_norm":
-            shape, eps = tuple(norm.weight.shape), float(norm.variance_epsilon)
+            raise TypeError(f"fewbit-fx: Inverted norms take nn.LayerNorm, nn.RMSNorm or an RMSNorm "
+                            f"written as aten ops (Hugging Face's, T5's), got {type(norm).__name__}")
+        if self.kind in _PROBED_KINDS:
+            shape, eps = tuple(norm.weight.shape), _eps(norm)
         else:
             shape, eps = tuple(norm.normalized_shape), norm.eps
         self.normalized_shape, self.eps = shape, eps
@@ -233,6 +293,34 @@ class InvertedNorm(Inverted):
 
     def extra_repr(self) -> str:
         return f"{self.kind}, {tuple(self.normalized_shape)}, eps={self.eps}"
+
+
+class InvertedNormCall(nn.Module):
+    """The inverted norm of one functional call site, `F.layer_norm(x, shape, w, b, eps)`
+    or `F.rms_norm(x, shape, w, eps)` in some module's forward (passes/source_rewrite
+    dispatches the planned call here). It has no parameters of its own: weight, bias and
+    eps are the call's, passed at call time, so the owner's state_dict, optimizer and any
+    computed weight (`1 + self.weight`) work as written. Under torch.func transforms it runs
+    the plain call (the inverted op's saved side tensor has a data-dependent size)."""
+
+    def __init__(self, kind: str, normalized_shape) -> None:
+        super().__init__()
+        if kind not in ("layer_norm", "rms_norm"):
+            raise ValueError(f"fewbit-fx: functional norms are layer_norm or rms_norm, got {kind!r}")
+        self.kind, self.normalized_shape = kind, tuple(normalized_shape)
+
+    def forward(self, x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
+                eps: float | None = None) -> Tensor:
+        shape = list(self.normalized_shape)
+        grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+        if not grads or transforms.active():
+            return plain_norm(x, self.kind, shape, weight, bias, eps)
+        y, *_ = ops.inverted_norm_forward(x, self.kind, shape, weight, bias, eps,
+                                          not torch.compiler.is_compiling())
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, {self.normalized_shape}"
 
 
 __all__ = ["FewBit", "Inverted"]

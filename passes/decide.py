@@ -120,8 +120,8 @@ def decide(site: Site, saves: SiteSaves, mode: str, bits: int, forced: bool = Fa
 
 def _decide_norm(site: Site, saves: SiteSaves, forced: bool) -> Decision:
     """Inverted (exact) in every mode where a consumer keeps y: there is no few-bit norm.
-    What it keeps beyond the original's: for the aten-op RMSNorm, whose own statistics the
-    analysis counted, its fp32 rstd per row; the columns of x it keeps where the weight
+    What it keeps beyond the original's: for the RMSNorms, whose own statistics the
+    analysis counted, its rstd per row (_statistics_bytes); the columns of x it keeps where the weight
     makes y unusable (gamma = 0, |beta| beyond what y spans) depend on the values, per call,
     so the estimate cannot include them (tests/ops/test_norm_op.py)."""
     if saves.y_mutated:
@@ -130,7 +130,7 @@ def _decide_norm(site: Site, saves: SiteSaves, forced: bool) -> Decision:
         return Decision("kept", None, saves.saved_before,
                         "no consumer keeps its output: keeping y instead of x saves nothing")
     rows = size_hint(saves.numel) // max(size_hint(saves.shape[-1]), 1) if saves.shape else 1
-    extra = 4 * rows if site.activation.name == "hf_rms_norm" else 0
+    extra = rows * _statistics_bytes(site.activation, saves.dtype)
     if extra >= saves.saved_before and not forced:
         why = (f"its input is kept anyway by {saves.x_kept_by[0]}" if saves.x_kept_by
                else "it keeps nothing that others do not keep already")
@@ -138,6 +138,21 @@ def _decide_norm(site: Site, saves: SiteSaves, forced: bool) -> Decision:
     return Decision("inverted", None, extra,
                     f"output already kept by {saves.y_kept_by[0]}; per-row statistics, and x's "
                     "columns where the weight makes y unusable (gamma = 0), decided per call")
+
+
+def _statistics_bytes(norm: Norm, dtype) -> int:
+    """Bytes per row of the statistics the inverted op keeps (the original's own were
+    counted in saved_before: the aten-op RMSNorms' rsqrt node, F.layer_norm's and
+    F.rms_norm's internal tensors): rstd, and layer_norm's mean, in fp32 (fp64 for fp64 x;
+    hf's and T5's fp32 always, the uncast one's in x's dtype)."""
+    import torch
+
+    if norm.name in ("hf_rms_norm", "t5_rms_norm"):
+        return 4
+    if norm.name == "uncast_rms_norm":  # its rstd is in x's dtype, as the original's
+        return dtype.itemsize
+    per = torch.promote_types(dtype, torch.float32).itemsize
+    return 2 * per if norm.name == "layer_norm" else per
 
 
 CHECKPOINTED = ("inside an activation-checkpointed region: saved only while the region is "

@@ -1,29 +1,45 @@
-"""Norm sites: LayerNorm / RMSNorm module calls whose backward can keep their output y
-(which the next Linear keeps anyway) and per-row statistics instead of their input
-(fewbit_fx.nn.InvertedNorm). The same duplication as an activation's, often larger: a
-Hugging Face RMSNorm written as aten ops keeps x and x*rstd.
+"""Norm sites: LayerNorm / RMSNorm calls whose backward can keep their output y (which the
+next Linear keeps anyway) and per-row statistics instead of their input. The same
+duplication as an activation's, often larger: an RMSNorm written as aten ops keeps x and
+x*rstd, and F.rms_norm on CPU keeps x (an fp32 copy for half x) and x*rstd in fp32.
 
-Found in eager captures only, where the module objects are at hand: nn.LayerNorm,
-nn.RMSNorm, and a module that `fewbit_fx.nn.norm_kind` calls a Hugging Face RMSNorm and
-whose forward computes that formula bit for bit on probe inputs (so a look-alike class
-that computes something else stays as it is).
+Found in eager captures only, where the module objects are at hand:
+- module sites, swapped for fewbit_fx.nn.InvertedNorm: nn.LayerNorm, nn.RMSNorm, and any
+  module that `fewbit_fx.nn.norm_kind` finds computing the aten-op RMSNorm bit for bit on
+  probe inputs (Hugging Face's, T5's), whatever its class is called; a look-alike that
+  computes something else (Gemma's 1 + weight) stays as it is;
+- functional sites, `F.layer_norm(x, shape, w, b, eps)` / `F.rms_norm(x, shape, w, eps)`
+  (also torch.layer_norm / torch.rms_norm) in some module's own forward, dispatched at run
+  time to fewbit_fx.nn.InvertedNormCall with the call's own weight and bias
+  (passes/source_rewrite), only when the call matches the plan (`norm_of_call`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
-from fewbit_fx.passes.capture import example_value
+from fewbit_fx.passes.capture import example_value, innermost_module
+
+
+@dataclass(frozen=True)
+class NormCall:
+    """A functional norm call as planned: the dispatcher rewrites only calls equal to it."""
+
+    normalized_shape: tuple[int, ...]
+    weight: bool   # called with a weight
+    bias: bool     # called with a bias (layer_norm)
 
 
 @dataclass(frozen=True)
 class Norm:
     """What a norm site computes, in the place a site's Activation takes (report, names)."""
 
-    name: str  # fewbit_fx.ops.norm's kind: layer_norm, rms_norm, hf_rms_norm
+    name: str  # fewbit_fx.ops.norm's kind: layer_norm, rms_norm, hf_rms_norm, t5_rms_norm
     invertible: bool = True
+    call: NormCall | None = None  # functional sites: the call as planned
 
     def saves_mask(self, dtype: torch.dtype) -> bool:
         return False
@@ -32,57 +48,136 @@ class Norm:
         return self.name
 
 
+# kind -> the callables that compute it and their parameters after the input, in order
+_FUNCTIONS = {
+    F.layer_norm: ("layer_norm", ("normalized_shape", "weight", "bias", "eps")),
+    torch.layer_norm: ("layer_norm", ("normalized_shape", "weight", "bias", "eps", "cudnn_enable")),
+    torch.rms_norm: ("rms_norm", ("normalized_shape", "weight", "eps")),
+}
+if F.rms_norm is not torch.rms_norm:
+    _FUNCTIONS[F.rms_norm] = ("rms_norm", ("normalized_shape", "weight", "eps"))
+_DEFAULT_EPS = {"layer_norm": 1e-5, "rms_norm": None}
+
+
+def norm_of_call(fn, args, kwargs) -> tuple[Norm, torch.Tensor, object, object, float | None] | None:
+    """(Norm with its NormCall, x, weight, bias, eps) for a call `fn(*args, **kwargs)` of a
+    functional norm the inverted op computes bitwise, else None (then the call runs as
+    written): a float tensor x whose trailing dims are normalized_shape, weight and bias
+    None or float tensors of that shape, eps a number (or None for rms_norm). Serves the
+    captured graph's nodes and, at run time, the rewritten call sites."""
+    try:
+        if fn not in _FUNCTIONS:
+            return None
+    except TypeError:  # an unhashable callable
+        return None
+    kind, names = _FUNCTIONS[fn]
+    names = ("input", *names)
+    if len(args) > len(names) or not set(kwargs) <= set(names):
+        return None
+    named = dict(zip(names, args))
+    if any(k in named for k in kwargs) or "input" not in {*named, *kwargs}:
+        return None
+    named.update(kwargs)
+    x = named["input"]
+    if x is None:
+        return None
+    shape = named.get("normalized_shape")
+    shape = (shape,) if isinstance(shape, int) else shape
+    if not isinstance(shape, (tuple, list, torch.Size)):
+        return None
+    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        return None
+    shape = tuple(shape)
+    weight, bias = named.get("weight"), named.get("bias")
+    eps = named.get("eps", _DEFAULT_EPS[kind])
+    if not (eps is None and kind == "rms_norm") and not (
+            isinstance(eps, (int, float)) and not isinstance(eps, bool)):
+        return None
+    for t in (x, weight, bias):
+        v = example_value(t) if isinstance(t, fx.Node) else t
+        if t is not None and not (isinstance(v, torch.Tensor) and v.dtype in _FLOATS):
+            return None
+    xv = example_value(x) if isinstance(x, fx.Node) else x
+    if xv.dim() < len(shape) or tuple(xv.shape[xv.dim() - len(shape):]) != shape:
+        return None
+    for p in (weight, bias):
+        v = example_value(p) if isinstance(p, fx.Node) else p
+        if p is not None and tuple(v.shape) != shape:
+            return None
+    return (Norm(kind, call=NormCall(shape, weight is not None, bias is not None)), x, weight, bias,
+            None if eps is None else float(eps))
+
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
 def find_norm_sites(graphs: list[fx.GraphModule], model: nn.Module) -> list:
-    """One module site per call of a supported norm module, in graph order."""
+    """One site per call of a supported norm module and per functional norm call outside
+    such modules, in graph order."""
     from fewbit_fx.passes.detect import Site, _module_groups
 
     modules = dict(model.named_modules())
+    kinds: dict[int, str | None] = {}  # id(module) -> kind, probed once per module
+    occurrences: dict[str, int] = {}   # owner -> functional norm calls numbered so far
     sites = []
     for gi, gm in enumerate(graphs):
+        covered: set[fx.Node] = set()
         for nodes, (path, _) in _module_groups(gm.graph, accept=lambda cls: True):
             module = modules.get(path)
-            kind = _kind(module)
             inputs = {a for n in nodes for a in n.all_input_nodes
                       if a not in nodes and _is_float_tensor(a) and not _is_parameter(a, module)}
-            if kind is None or len(inputs) != 1:
+            if len(inputs) != 1 or not isinstance(module, nn.Module):
+                continue
+            if _calls_a_functional_norm(nodes) and not isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                continue  # a user's module around F.layer_norm / F.rms_norm: a functional site
+            if id(module) not in kinds:
+                kinds[id(module)] = _kind(module)
+            if kinds[id(module)] is None:
                 continue
             (x,) = inputs
-            sites.append(Site(Norm(kind), nodes, x, gi, path, path))
+            sites.append(Site(Norm(kinds[id(module)]), nodes, x, gi, path, path))
+            covered.update(nodes)
+        sites += _functional_sites(gm, gi, covered, occurrences)
     return sites
 
 
-def _kind(module) -> str | None:
+def _functional_sites(gm: fx.GraphModule, gi: int, covered: set[fx.Node],
+                      occurrences: dict[str, int]) -> list:
+    """F.layer_norm / F.rms_norm nodes outside the module sites, numbered per owner across
+    the graphs (the site's name: `owner:layer_norm#0`). Not inside torch's own norm
+    modules: those are module sites or stay."""
+    from fewbit_fx.passes.detect import Site, call_site
+
+    sites = []
+    for node in gm.graph.nodes:
+        if node in covered or node.op != "call_function":
+            continue
+        found = norm_of_call(node.target, node.args, node.kwargs)
+        if found is None or not _is_float_tensor(found[1]):
+            continue
+        scope = innermost_module(node)
+        if scope is not None and issubclass(scope[1], (nn.LayerNorm, nn.RMSNorm)):
+            continue
+        owner = scope[0] if scope else ""
+        k = occurrences.get(owner, 0)
+        occurrences[owner] = k + 1
+        sites.append(Site(found[0], [node], found[1], gi, owner, None, k, call_site=call_site(node)))
+    return sites
+
+
+def _calls_a_functional_norm(nodes: list[fx.Node]) -> bool:
+    return any(n.op == "call_function" and norm_of_call(n.target, n.args, n.kwargs) is not None
+               for n in nodes)
+
+
+def _kind(module: nn.Module) -> str | None:
     from fewbit_fx.nn import norm_kind
 
-    kind = norm_kind(module) if isinstance(module, nn.Module) else None
-    if kind == "hf_rms_norm" and not _computes_hf_rms_norm(module):
-        return None
-    return kind
+    return norm_kind(module)
 
 
-def _computes_hf_rms_norm(module: nn.Module) -> bool:
-    """The module's forward is, bit for bit, the formula InvertedNorm reproduces, in fp32
-    and bf16 (probe inputs; the module's own parameters, no autograd)."""
-    from fewbit_fx.ops.norm import plain_norm
-
-    gen = torch.Generator().manual_seed(0)
-    weight = module.weight
-    try:
-        with torch.no_grad():
-            for dtype in (torch.float32, torch.bfloat16):
-                x = (torch.randn(3, weight.shape[-1], generator=gen) * 3).to(dtype).to(weight.device)
-                want = plain_norm(x, "hf_rms_norm", list(weight.shape), weight, None,
-                                  float(module.variance_epsilon))
-                got = module(x)
-                if not (isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want)):
-                    return False
-    except Exception:  # noqa: BLE001 - any other signature or behaviour: not this formula
-        return False
-    return True
-
-
-def _is_float_tensor(node: fx.Node) -> bool:
-    v = example_value(node)
+def _is_float_tensor(node) -> bool:
+    v = example_value(node) if isinstance(node, fx.Node) else None
     return isinstance(v, torch.Tensor) and v.is_floating_point()
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from fewbit_fx.nn import FewBit, Inverted
+from fewbit_fx.nn import FewBit, Inverted, InvertedNormCall
 from fewbit_fx.passes.decide import Decision
 from fewbit_fx.passes.detect import Site
 from fewbit_fx.passes.norms import Norm
@@ -28,6 +28,8 @@ _REPLACED = "_fewbit_replaced"  # on a FewBit/Inverted module: the activation mo
 def build_module(site: Site, decision: Decision, old: nn.Module | None = None) -> nn.Module:
     """`old`: the module a module site swaps out (a norm is rebuilt around its own
     parameters)."""
+    if isinstance(site.activation, Norm) and site.activation.call is not None:
+        return InvertedNormCall(site.activation.name, site.activation.call.normalized_shape)
     if isinstance(site.activation, Norm):
         return Inverted(old)
     if decision.variant == "inverted":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -75,6 +76,11 @@ _CONVS = {
 _NORMS = {F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm, torch.layer_norm}
 if hasattr(F, "rms_norm"):
     _NORMS.add(F.rms_norm)
+# Norms keep tensors no node of the graph holds (internal_saved_bytes): layer_norm its
+# per-row mean and rstd; rms_norm (composite on CPU) rstd and x*rstd in fp32, and an fp32
+# copy of half x instead of x, read off the op by the probe.
+_LAYER_NORMS = {F.layer_norm, torch.layer_norm}
+_PROBED_NORMS = {f for f in (getattr(F, "rms_norm", None), getattr(torch, "rms_norm", None)) if f is not None}
 _MULS = {operator.mul, torch.mul, operator.imul}
 _DIVS = {operator.truediv, torch.div, operator.itruediv}
 _MUL_METHODS = {"mul", "mul_", "__mul__", "__rmul__"}
@@ -125,6 +131,10 @@ def saved_inputs(node: fx.Node) -> tuple[list[fx.Node], bool]:
         return [a for a in ops if any(_rg(o) for o in ops if o is not a)], True
     if t in _CONVS:
         return [a for a in args[:2] if isinstance(a, fx.Node)], True  # input and weight
+    if t in _PROBED_NORMS:
+        probed = _probed_saves(node)
+        if probed is not None:
+            return probed, True
     if t in _NORMS:
         return [args[0]], True
     if t in _MULS or m in _MUL_METHODS:
@@ -174,10 +184,10 @@ def _probed_saves(node: fx.Node) -> list[fx.Node] | None:
     for a node several times (graph, site, norm analyses): the answer is kept on the node,
     as positions among its inputs (a copied graph's node reads them as its own)."""
     if _PROBED not in node.meta:
-        found = _probe(node)
+        probed = _probe(node)
         inputs = node.all_input_nodes
-        node.meta[_PROBED] = None if found is None else (
-            [inputs.index(n) for n in found if n is not node], node in found)
+        node.meta[_PROBED] = None if probed is None else (
+            [inputs.index(n) for n in probed[0] if n is not node], node in probed[0], probed[1])
     cached = node.meta[_PROBED]
     if cached is None:
         return None
@@ -185,7 +195,40 @@ def _probed_saves(node: fx.Node) -> list[fx.Node] | None:
     return [inputs[i] for i in cached[0]] + ([node] if cached[1] else [])
 
 
-def _probe(node: fx.Node) -> list[fx.Node] | None:
+def internal_saved_bytes(node: fx.Node) -> int:
+    """Bytes autograd keeps for `node` in tensors that are neither its inputs nor its
+    output (a composite op's intermediates: F.rms_norm's x*rstd; layer_norm's statistics),
+    as the probe saw them; 0 for an op that was not probed. Only the node's own site can
+    free them."""
+    if node.op == "call_function" and node.target in _LAYER_NORMS and _rg(node):
+        return _layer_norm_statistics(node)
+    cached = node.meta.get(_PROBED)
+    return cached[2] if cached is not None and len(cached) > 2 else 0
+
+
+def _layer_norm_statistics(node: fx.Node) -> int:
+    """native_layer_norm's mean and rstd, one per row each: fp32 (fp64 for fp64 x), but
+    on CPU in x's dtype for half x with half or no weights. The meta kernel says fp32
+    always, so the dtype is read off a one-row run on the node's device."""
+    x = example_value(node.args[0])
+    shape = list(node.args[1]) if isinstance(node.args[1], (tuple, list)) else [node.args[1]]
+    if not isinstance(x, torch.Tensor) or not shape:
+        return 0
+    params = [example_value(a) if isinstance(a, fx.Node) else a
+              for a in (node.args[2:4] if len(node.args) > 2 else ())]
+    try:
+        with torch.no_grad():
+            one = torch.zeros([1, *shape], dtype=x.dtype, device=x.device)
+            w, b = ([torch.ones(shape, dtype=p.dtype, device=x.device) if isinstance(p, torch.Tensor)
+                     else None for p in params] + [None, None])[:2]
+            _, mean, _ = torch.native_layer_norm(one, shape, w, b, 1e-5)
+    except Exception:  # noqa: BLE001 - an odd call: its statistics are not counted
+        return 0
+    rows = _hinted(x.numel()) // max(math.prod(_hinted(d) for d in shape), 1)
+    return 2 * rows * mean.element_size()
+
+
+def _probe(node: fx.Node) -> tuple[list[fx.Node], int] | None:
     if node.op == "call_function":
         module = getattr(node.target, "__module__", None) or ""
         if module.split(".")[0] not in _PROBE_MODULES or module.startswith(_NOT_PROBED) or \
@@ -221,7 +264,14 @@ def _probe(node: fx.Node) -> list[fx.Node] | None:
     found = [n for n, t in tensors.items() if any(k is t for k in kept)]
     if any(k is o for k in kept for o in outputs) and node not in found:
         found.append(node)
-    return found
+    known = {_storage_id(t) for t in (*tensors.values(), *outputs)}
+    internal = {_storage_id(k): k.untyped_storage().nbytes() for k in kept if _storage_id(k) not in known}
+    return found, sum(internal.values())
+
+
+def _storage_id(t: torch.Tensor) -> int:
+    """Which storage a (meta) tensor lives in: meta storages have no data pointer."""
+    return t.untyped_storage()._cdata
 
 
 def _meta_like(v: torch.Tensor) -> torch.Tensor:
@@ -439,7 +489,7 @@ def analyse_site(site: Site, gs: GraphSaves, compiled: bool = False,
     y_root, x_root = gs.family[site.output], gs.value(site.input, site.nodes[0])
     recomputed = _recomputed_by(site, gs) if compiled else []
     norm = _normalized_by(x_root) if compiled else None
-    own = {gs.value(k, n) for n in site.nodes for k in saved_inputs(n)[0]}
+    own = {gs.value(k, n) for n in site.nodes for k in saved_inputs(n)[0]} - _parameters(gs)
     downstream = {root: later.follow(root, gs) for root in own | {y_root} if root in gs.escapes}
     before = 0
     for root in own:
@@ -451,6 +501,7 @@ def analyse_site(site: Site, gs: GraphSaves, compiled: bool = False,
             outsiders += kept_later + (["the caller"] if unseen else [])
         if not outsiders:
             before += _family_bytes(root, gs)
+    before += sum(internal_saved_bytes(n) for n in site.nodes)
     y_kept = [_describe(k) for k in gs.keepers.get(y_root, []) if k not in inside and k not in recomputed]
     y_later_mutated = False
     if y_root in downstream:
@@ -474,6 +525,11 @@ def analyse_site(site: Site, gs: GraphSaves, compiled: bool = False,
         y_kept_by=y_kept, x_kept_by=x_kept, y_mutated=y_mutated,
         y_leaves_graph=y_root in downstream and downstream[y_root][2],
     )
+
+
+def _parameters(gs: GraphSaves) -> set[fx.Node]:
+    """Value roots that are the model's parameters (never counted: they live anyway)."""
+    return {n for n in gs.family if n.op == "get_attr" or (n.op == "placeholder" and "_parameters_" in n.name)}
 
 
 def _recomputed_by(site: Site, gs: GraphSaves) -> list[fx.Node]:

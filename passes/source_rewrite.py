@@ -10,7 +10,10 @@ user's code as written: same globals, closure, defaults, file and line numbers.
 
 At run time the dispatcher checks that the call is the planned activation (same function
 family, same parameters, in place or not as planned, on a tensor) and then runs the FewBit/Inverted
-child module registered on the owner; any other call runs exactly as written. The
+child module registered on the owner; any other call runs exactly as written. Functional
+norms (F.layer_norm, F.rms_norm) go the same way: the call must have the planned
+normalized_shape and the planned presence of weight and bias, and the child
+(InvertedNormCall) gets the call's own weight, bias and eps. The
 rewritten function is installed on the instance only, as a callable object that pickles
 and deep-copies by rebuilding itself from the source (`_Rewritten.__reduce__`).
 """
@@ -29,6 +32,7 @@ import torch
 from torch import nn
 
 from fewbit_fx.passes.detect import CallSite, activation_of_call
+from fewbit_fx.passes.norms import Norm, norm_of_call
 
 class CannotRewrite(Exception):
     """Why a functional site stays as written (the report shows the message)."""
@@ -43,7 +47,7 @@ class Target:
     callee: str
     method: bool
     child: str
-    activation: object  # fewbit_fx.activations.Activation
+    activation: object  # fewbit_fx.activations.Activation, or a norm's passes.norms.Norm
     inplace: bool = False  # the planned call writes into its input (the child does too)
 
 
@@ -52,7 +56,11 @@ class Target:
 def _dispatch(owner: nn.Module, target: Target, fn, *args, **kwargs):
     """A rewritten `fn(*args, **kwargs)`."""
     site = owner._modules.get(target.child)
-    if site is not None and args and isinstance(args[0], torch.Tensor):
+    if site is not None and isinstance(target.activation, Norm):
+        found = norm_of_call(fn, args, kwargs)
+        if found is not None and found[0] == target.activation:
+            return site(*found[1:])  # x, and the call's own weight, bias and eps
+    elif site is not None and args and isinstance(args[0], torch.Tensor):
         found = activation_of_call(fn, args, kwargs)
         if found is not None and found == (target.activation, target.inplace):
             return site(args[0])

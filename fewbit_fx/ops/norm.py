@@ -21,12 +21,21 @@ subnormal range, where rounding is absolute and a tiny gamma would lose x_hat
 (gamma = 0 makes s_j = 0). RMSNorm has beta = 0: the guard only catches gamma = 0,
 underflow and non-finite columns, and y / gamma keeps y's relative accuracy.
 
-Three formulas (`kind`):
+Five formulas (`kind`):
   "layer_norm"   torch.nn.functional.layer_norm, bitwise (torch.native_layer_norm)
   "rms_norm"     torch.nn.functional.rms_norm, bitwise
   "hf_rms_norm"  Hugging Face's RMSNorm written as aten ops (Llama, Mistral, Qwen2):
                  h = x.to(float32); h = h * rsqrt(h.pow(2).mean(-1, keepdim=True) + eps);
                  weight * h.to(x.dtype)   (last dim only; the multiply after the cast back)
+  "t5_rms_norm"  T5's spelling of it (T5LayerNorm, also LongT5, MT5, UMT5, Pix2Struct):
+                 r = rsqrt(x.to(float32).pow(2).mean(-1, keepdim=True) + eps);
+                 h = x * r (x's dtype promoted with fp32, no cast back to x's dtype);
+                 h.to(weight.dtype) only for half weights; weight * h. The same bits as
+                 hf_rms_norm where x and weight share a dtype; not for half x with fp32
+                 weight (fp32 out, unrounded) or fp32 x with half weight (half out).
+  "uncast_rms_norm"  the same written without casts, all in x's dtype:
+                 r = rsqrt(x.pow(2).mean(-1, keepdim=True) + eps); weight * (x * r).
+                 hf_rms_norm's bits in fp32; in half types its statistics are half too.
 """
 from __future__ import annotations
 
@@ -39,7 +48,9 @@ from torch import Tensor
 from fewbit_fx.ops._common import CHUNK, check_input, compare_dtype, no_double_backward, refuse_create_graph
 from fewbit_fx.kernels import cpu as cpu_kernels
 
-KINDS = ("layer_norm", "rms_norm", "hf_rms_norm")
+KINDS = ("layer_norm", "rms_norm", "hf_rms_norm", "t5_rms_norm", "uncast_rms_norm")
+LAST_DIM = ("hf_rms_norm", "t5_rms_norm", "uncast_rms_norm")  # RMSNorms written as aten ops
+HALF = (torch.float16, torch.bfloat16)
 
 
 @torch.library.custom_op("fewbit_fx::inverted_norm_forward", mutates_args=())
@@ -80,8 +91,8 @@ def _check(x, kind, normalized_shape, weight, bias):
     if nd == 0 or x.dim() < nd or tuple(x.shape[x.dim() - nd:]) != tuple(normalized_shape):
         raise ValueError(f"fewbit-fx: normalized_shape {list(normalized_shape)} does not match the "
                          f"input's trailing dims {list(x.shape)}")
-    if kind == "hf_rms_norm" and nd != 1:
-        raise ValueError("fewbit-fx: hf_rms_norm normalizes over the last dim only")
+    if kind in LAST_DIM and nd != 1:
+        raise ValueError(f"fewbit-fx: {kind} normalizes over the last dim only")
     if kind != "layer_norm" and bias is not None:
         raise ValueError("fewbit-fx: an RMSNorm has no bias")
     for name, p in (("weight", weight), ("bias", bias)):
@@ -92,7 +103,7 @@ def _check(x, kind, normalized_shape, weight, bias):
 
 def default_eps(kind: str, dtype: torch.dtype) -> float:
     """torch.rms_norm's eps=None: the epsilon of its compute type (fp32 for half inputs)."""
-    return torch.finfo(compare_dtype(dtype) if kind != "hf_rms_norm" else torch.float32).eps
+    return torch.finfo(compare_dtype(dtype) if kind == "rms_norm" else torch.float32).eps
 
 
 def plain_norm(x, kind, normalized_shape, weight, bias, eps):
@@ -101,9 +112,21 @@ def plain_norm(x, kind, normalized_shape, weight, bias, eps):
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
     if kind == "rms_norm":
         return F.rms_norm(x, normalized_shape, weight, eps)
+    if kind == "t5_rms_norm":
+        return _t5_output(x, weight, torch.rsqrt(x.to(torch.float32).pow(2).mean(-1, keepdim=True) + eps))
+    if kind == "uncast_rms_norm":
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * h if weight is not None else h
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     h = h.to(x.dtype)
+    return weight * h if weight is not None else h
+
+
+def _t5_output(x, weight, rstd):
+    h = x * rstd
+    if weight is not None and weight.dtype in HALF:
+        h = h.to(weight.dtype)
     return weight * h if weight is not None else h
 
 
@@ -121,8 +144,14 @@ def _output_and_statistics(x, kind, normalized_shape, weight, bias, eps):
         e = default_eps(kind, x.dtype) if eps is None else eps
         rstd = torch.rsqrt(x.to(compare_dtype(x.dtype)).pow(2).mean(dims, keepdim=True) + e)
         return y, empty, rstd
+    if kind == "uncast_rms_norm":
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # in x's dtype, as it computes
+        h = x * rstd
+        return (weight * h if weight is not None else h), empty, rstd
     h = x.to(torch.float32)
     rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if kind == "t5_rms_norm":
+        return _t5_output(x, weight, rstd), empty, rstd
     h = (h * rstd).to(x.dtype)
     return (weight * h if weight is not None else h), empty, rstd
 
@@ -241,11 +270,14 @@ def _backward_2d(g, y, mean, rstd, side, idx, weight, bias, kind, whole):
         if gamma is not None:
             xhat = xhat / gamma
         xhat = xhat.index_copy(1, idx, exact)
-    # HF rounds x_hat to x's dtype before the weight multiply: grad_weight sees that
-    # rounded value (y / gamma recovers it), grad_input the unrounded one.
+    # HF rounds x_hat to x's dtype before the weight multiply (uncast too, T5 to a half weight's):
+    # grad_weight sees that rounded value (y / gamma recovers it), grad_input the unrounded one.
     xhat_w = xhat
-    if kind == "hf_rms_norm":
-        rounded = exact.to(side.dtype).to(dt)
+    rounding = (side.dtype if kind in ("hf_rms_norm", "uncast_rms_norm") else
+                weight.dtype if kind == "t5_rms_norm" and weight is not None and weight.dtype in HALF
+                else None)
+    if rounding is not None:
+        rounded = exact.to(rounding).to(dt)
         xhat_w = rounded if whole else xhat.index_copy(1, idx, rounded)
     gdt = g.to(dt)
     gw = (gdt * xhat_w).sum(0) if weight is not None else None

@@ -26,7 +26,8 @@ from fewbit_fx.ops import norm as norm_mod
 from fewbit_fx.ops.norm import plain_norm
 
 fwd = torch.ops.fewbit_fx.inverted_norm_forward
-KINDS = ["layer_norm", "rms_norm", "hf_rms_norm"]
+KINDS = ["layer_norm", "rms_norm", "hf_rms_norm", "t5_rms_norm", "uncast_rms_norm"]
+ATEN_RMS = ("hf_rms_norm", "t5_rms_norm", "uncast_rms_norm")  # RMSNorms written as aten ops
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 EPS = 1e-5
 
@@ -65,9 +66,9 @@ def torch_grads(kind, x, w, b, up):
 
 
 def exact_grads(kind, x, w, b, up):
-    """float64 autograd of the formula's mathematics (HF's casts dropped)."""
+    """float64 autograd of the formula's mathematics (HF's and T5's casts dropped)."""
     leaves = [t.detach().double().clone().requires_grad_(True) for t in (x, w, b) if t is not None]
-    k = "rms_norm" if kind == "hf_rms_norm" else kind
+    k = "rms_norm" if kind in ATEN_RMS else kind
     y = plain_norm(leaves[0], k, [x.shape[-1]], leaves[1], leaves[2] if b is not None else None, EPS)
     return torch.autograd.grad(y, leaves, up.double())
 
@@ -98,7 +99,9 @@ def floor_grads(kind, x, w, b, up, ydtype):
     """Gradients from an exact inverse of y rounded to ydtype, with no beta and no
     underflow (see the module docstring); exact x_hat where gamma = 0."""
     xhat, rstd = exact_xhat(kind, x)
-    pre = xhat.to(x.dtype).double() if kind == "hf_rms_norm" else xhat  # HF rounds x_hat first
+    pre = xhat.to(x.dtype).double() if kind in ("hf_rms_norm", "uncast_rms_norm") else xhat  # rounded first
+    if kind == "t5_rms_norm" and w.dtype in (torch.float16, torch.bfloat16):
+        pre = xhat.to(w.dtype).double()  # T5 rounds it to a half weight's dtype
     gamma = w.double()
     m = torch.where(gamma == 0, torch.ones_like(gamma), gamma / torch.exp2(torch.floor(torch.log2(gamma.abs()))))
     rec = (pre * m).to(ydtype).double() / m
@@ -136,7 +139,7 @@ def test_forward_is_torchs_bitwise(kind, dtype):
         x, w, b, _ = make(kind, dtype, wdtype)
         y, mean, rstd, side, idx = fwd(x, kind, [x.shape[-1]], w, b, EPS, True)
         assert torch.equal(y, plain_norm(x, kind, [x.shape[-1]], w, b, EPS))
-        assert rstd.dtype == torch.promote_types(dtype, torch.float32) or kind == "hf_rms_norm"
+        assert rstd.dtype == torch.promote_types(dtype, torch.float32) or kind in ATEN_RMS
         assert rstd.shape == (x.shape[0], 1) and side.shape == (x.shape[0], idx.numel())
         assert torch.equal(side, x[:, idx])
         assert mean.numel() == (x.shape[0] if kind == "layer_norm" else 0)
@@ -166,6 +169,35 @@ class LlamaStyleRMSNorm(nn.Module):
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
         return self.weight * hidden_states.to(input_dtype)
+
+
+class UncastRMSNorm(nn.Module):
+    """The aten-op RMSNorm written without dtype casts (any name, `eps`)."""
+
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def T5LayerNorm(d):
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    return T5LayerNorm(d)
+
+
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32], ids=str)
+def test_t5_formula_bitwise(wdtype, xdtype):
+    """T5LayerNorm itself, every mix of x and weight dtypes (it casts to half weights only)."""
+    m = T5LayerNorm(64).to(wdtype)
+    with torch.no_grad():
+        m.weight.normal_()
+    x = torch.randn(5, 7, 64, generator=_gen(3)).to(xdtype)
+    y = fwd(x, "t5_rms_norm", [64], m.weight, None, m.variance_epsilon, True)[0]
+    assert y.dtype == m(x).dtype and torch.equal(y, m(x))
 
 
 @pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32], ids=str)
@@ -323,7 +355,8 @@ def test_most_channels_unsafe_saves_x_itself():
 def _model(kind, zero_channels=True):
     torch.manual_seed(0)
     norm = {"layer_norm": lambda: nn.LayerNorm(32), "rms_norm": lambda: nn.RMSNorm(32),
-            "hf_rms_norm": lambda: LlamaStyleRMSNorm(32)}[kind]()
+            "hf_rms_norm": lambda: LlamaStyleRMSNorm(32), "t5_rms_norm": lambda: T5LayerNorm(32),
+            "uncast_rms_norm": lambda: UncastRMSNorm(32)}[kind]()
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
         if zero_channels:
@@ -386,7 +419,7 @@ def test_saved_bytes_drop_by_x(kind):
 # --- module ----------------------------------------------------------------------------------
 
 def test_module_shares_parameters_and_state_dict():
-    for norm in (nn.LayerNorm(32), nn.RMSNorm(32), LlamaStyleRMSNorm(32),
+    for norm in (nn.LayerNorm(32), nn.RMSNorm(32), LlamaStyleRMSNorm(32), T5LayerNorm(32),
                  nn.LayerNorm(32, elementwise_affine=False), nn.LayerNorm(32, bias=False),
                  nn.RMSNorm(32, elementwise_affine=False)):
         inv = Inverted(norm)
@@ -399,9 +432,9 @@ def test_module_shares_parameters_and_state_dict():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("make_norm", [lambda: nn.LayerNorm(32), lambda: nn.RMSNorm(32, eps=1e-6),
-                                       lambda: LlamaStyleRMSNorm(32),
+                                       lambda: LlamaStyleRMSNorm(32), lambda: T5LayerNorm(32),
                                        lambda: nn.LayerNorm(32, elementwise_affine=False)],
-                         ids=["layer_norm", "rms_norm", "hf", "no_affine"])
+                         ids=["layer_norm", "rms_norm", "hf", "t5", "no_affine"])
 def test_module_matches_wrapped(make_norm, dtype):
     norm = make_norm().to(dtype)
     for p in norm.parameters():
