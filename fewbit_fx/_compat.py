@@ -123,3 +123,64 @@ def is_dynamo_control_flow(e: BaseException) -> bool:
     treat them as a failure and fall back."""
     restart = getattr(getattr(torch._dynamo, "exc", None), "RestartAnalysis", None)  # noqa: SLF001
     return restart is not None and isinstance(e, restart)
+
+
+def budget_patch(memory_budget: float | None):
+    """A context factory setting torch.compile's activation memory budget for one compile
+    (torch._functorch.config.activation_memory_budget, read by the min-cut partitioner),
+    restored afterwards so the user's process keeps its own setting. None: no change."""
+    import contextlib
+
+    if memory_budget is None:
+        return contextlib.nullcontext
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) \
+            or not 0.0 <= float(memory_budget) <= 1.0:
+        raise ValueError(f"fewbit-fx: memory_budget must be a number in [0, 1] (1.0: the partitioner's "
+                         f"default, 0.0: recompute everything it can), got {memory_budget!r}")
+    from torch._functorch import config
+
+    return lambda: config.patch(activation_memory_budget=float(memory_budget))
+
+
+def custom_partitioner_base() -> type:
+    """Inductor's interface for `config.custom_partitioner_fn` (torch >= 2.6)."""
+    from torch._inductor.custom_graph_pass import CustomPartitionerFn
+
+    return CustomPartitionerFn
+
+
+def min_cut_partition(joint, joint_inputs, **kwargs):
+    """The stock min-cut partitioner, as Inductor calls it (after its joint-graph passes)."""
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+
+
+def inductor_partition(joint, joint_inputs, **kwargs):
+    """Inductor's partition step: its joint-graph passes, then the stock partitioner."""
+    from torch._inductor.compile_fx import partition_fn
+
+    kwargs.pop("compiler", None)
+    return partition_fn(joint, joint_inputs, **kwargs)
+
+
+def trace_joint_only(gm, example_inputs, partition) -> None:
+    """Trace gm's joint graph as Inductor would (its decompositions) and hand it to
+    `partition`, generating no code: the forward and backward are run uncompiled."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._inductor.decomposition import select_decomp_table
+
+    aot_module_simplified(gm, list(example_inputs), fw_compiler=lambda g, _: g, bw_compiler=lambda g, _: g,
+                          partition_fn=partition, decompositions=select_decomp_table())
+
+
+def partitioner_hooks_available() -> bool:
+    """Whether the budget-matched partitioner's hooks exist in this torch."""
+    try:
+        from torch._functorch.aot_autograd import aot_module_simplified  # noqa: F401
+        from torch._inductor import config
+        from torch._inductor.compile_fx import partition_fn  # noqa: F401
+        from torch._inductor.custom_graph_pass import CustomPartitionerFn  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(config, "custom_partitioner_fn")

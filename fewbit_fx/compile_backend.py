@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import fx
 
-from fewbit_fx import _compat
+from fewbit_fx import _compat, partition
 from fewbit_fx.cache_key import with_cache_key
 from fewbit_fx.packing import check_bits
 from fewbit_fx.passes import decide
@@ -28,15 +28,23 @@ from fewbit_fx.passes.plan import Planned
 
 
 def backend(mode: str = "auto", bits: int = 3, overrides: dict[str, str] | None = None,
-            strict: bool = False, **inductor_options) -> Callable:
+            strict: bool = False, memory_budget: float | None = None, **inductor_options) -> Callable:
     """A configured backend. `inductor_options` go to Inductor as config patches
     (for example max_autotune=True, or triton.cudagraphs=True).
+
+    `memory_budget` is torch.compile's own activation-memory knob
+    (torch._functorch.config.activation_memory_budget), applied to this backend's graphs
+    only: the partitioner recomputes what it must on the rewritten graph, and a graph whose
+    rewritten plan would keep more than the budget alone keeps on the original is compiled
+    as the original (fewbit_fx.partition). None leaves the user's global setting in force
+    (the same composition applies to it).
 
     If the rewrite or its compilation fails, the graph is compiled unchanged by plain
     Inductor and a warning says why (the model never breaks); `strict=True` raises instead.
     """
     decide.check_mode(mode)
     check_bits(bits)
+    budget = _compat.budget_patch(memory_budget)
     patches = with_cache_key(dict(inductor_options))
 
     def fewbit(gm: fx.GraphModule, example_inputs):
@@ -49,8 +57,19 @@ def backend(mode: str = "auto", bits: int = 3, overrides: dict[str, str] | None 
         original = _snapshot(gm.graph)
         try:
             planned = plan_graph(gm, mode, bits, overrides)
+            graph_patches = dict(patches)
+            with budget():
+                graph_patches.update(_matched_budget(gm, original, example_inputs, planned, patches))
             rewrite_graph(gm, planned)
-            compiled = compile_fx(gm, example_inputs, config_patches=patches)
+            with budget():
+                compiled = compile_fx(gm, example_inputs, config_patches=graph_patches)
+        except partition.OverBudget as e:  # the budget alone keeps less: compile the original
+            gm.graph = original
+            gm.recompile()
+            fewbit.plans.append([])
+            fewbit.notes.append(str(e))
+            with budget():
+                return compile_fx(gm, example_inputs, config_patches=patches)
         except Exception as e:  # noqa: BLE001 - fall back loudly, never break the model
             if strict or _compat.is_dynamo_control_flow(e):
                 raise
@@ -59,12 +78,39 @@ def backend(mode: str = "auto", bits: int = 3, overrides: dict[str, str] | None 
             gm.graph = original
             gm.recompile()
             fewbit.plans.append([])
-            return compile_fx(gm, example_inputs, config_patches=patches)
+            with budget():
+                return compile_fx(gm, example_inputs, config_patches=patches)
         fewbit.plans.append(planned)
         return compiled
 
     fewbit.plans = []  # one list of Planned per compiled graph, for inspection and tests
+    fewbit.notes = []  # why a graph was compiled without the rewrite under a memory budget
     return fewbit
+
+
+def _matched_budget(gm, original: fx.Graph, example_inputs, planned: list[Planned], patches: dict) -> dict:
+    """Under an activation memory budget b < 1, the Inductor patch that partitions the
+    rewritten graph to save no more than b saves on the original (fewbit_fx.partition);
+    {} at b = 1, when nothing is rewritten, or when the user brought their own partitioner."""
+    from torch._functorch import config
+
+    b = config.activation_memory_budget
+    rewrites = any(p.decision.variant != "kept" and not p.site.inplace for p in planned)
+    if b >= 1.0 or not rewrites or "custom_partitioner_fn" in patches \
+            or not _compat.partitioner_hooks_available():
+        return {}
+    # The trace runs on gm itself (AOTAutograd reads Dynamo's metadata from it: compile id,
+    # parameter sources, hence which inputs are parameters) holding a copy of its graph.
+    working = gm.graph
+    gm.graph = _snapshot(original)
+    try:
+        target = partition.budget_alone(gm, example_inputs, b)
+    finally:
+        gm.graph = working
+        gm.recompile()
+    if target is None:
+        return {}
+    return {"custom_partitioner_fn": partition.matched_partitioner(b, target)}
 
 
 def _snapshot(graph: fx.Graph) -> fx.Graph:

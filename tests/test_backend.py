@@ -134,6 +134,9 @@ def test_bad_backend_arguments():
         fewbit_fx.backend(mode="fast")
     with pytest.raises(ValueError, match="bits"):
         fewbit_fx.backend(bits=9)
+    for bad in (1.5, -0.1, "0.5", True, float("nan")):
+        with pytest.raises(ValueError, match="memory_budget"):
+            fewbit_fx.backend(memory_budget=bad)
 
 
 def test_bf16_autocast_saves_less_and_keeps_gradients_close():
@@ -273,3 +276,59 @@ def test_a_failing_rewrite_falls_back_to_the_untouched_graph(monkeypatch):
     with pytest.warns(RuntimeWarning, match="injected failure"):
         out = compiled(model, fewbit_fx.backend(mode="exact"))(x)
     torch.testing.assert_close(out, expected)
+
+
+class Stack(nn.Module):
+    """Two residual MLP blocks; the second's down projection optionally frozen (an adapter
+    fine-tuning pattern: nothing keeps that GELU's output, so auto mode picks few-bit)."""
+
+    def __init__(self, frozen: bool):
+        super().__init__()
+        self.blocks = nn.Sequential(MLP(nn.GELU()), MLP(nn.GELU(), frozen_out=frozen))
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+def _budget_alone(budget):
+    from torch._inductor.compile_fx import compile_fx
+
+    def inductor(gm, example_inputs):
+        with torch._functorch.config.patch(activation_memory_budget=budget):
+            return compile_fx(gm, example_inputs)
+    return inductor
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_memory_budget_composes_and_never_saves_more_than_the_budget_alone(frozen):
+    torch.manual_seed(0)
+    x = torch.randn(32, 64)
+    model = Stack(frozen)
+    before = torch._functorch.config.activation_memory_budget
+    for budget in (1.0, 0.5):
+        alone = step(compiled(model, _budget_alone(budget)), x).bytes
+        want = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        model.zero_grad()
+        be = fewbit_fx.backend(mode="auto", memory_budget=budget, strict=True)
+        ours = step(compiled(model, be), x).bytes
+        got = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        model.zero_grad()
+        assert torch._functorch.config.activation_memory_budget == before  # no trace left
+        assert ours <= alone, (budget, ours, alone)
+        if frozen:  # recompute needs the frozen site's x; few-bit keeps 3 bits of it
+            assert ours < alone, (budget, ours, alone)
+        labels = [p.decision.label for plan in be.plans for p in plan]
+        assert any(label.startswith("fewbit") for label in labels) == frozen, labels
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0.05, atol=2e-3)
+
+
+def test_the_plain_backend_follows_the_users_global_budget():
+    torch.manual_seed(0)
+    x = torch.randn(32, 64)
+    model = Stack(frozen=False)
+    with torch._functorch.config.patch(activation_memory_budget=0.5):
+        plain = step(compiled(model, "fewbit"), x).bytes
+    configured = step(compiled(model, fewbit_fx.backend(memory_budget=0.5)), x).bytes
+    default = step(compiled(model, "fewbit"), x).bytes
+    assert plain == configured < default
