@@ -55,31 +55,30 @@ def backend(mode: str = "auto", bits: int = 3, overrides: dict[str, str] | None 
         inductor.register()
 
         original = _snapshot(gm.graph)
+
+        def compile_original():
+            gm.graph = original
+            gm.recompile()
+            fewbit.plans.append([])
+            with budget():
+                return compile_fx(gm, example_inputs, config_patches=patches)
+
         try:
             planned = plan_graph(gm, mode, bits, overrides)
-            graph_patches = dict(patches)
-            with budget():
-                graph_patches.update(_matched_budget(gm, original, example_inputs, planned, patches))
+            graph_patches = {**patches, **_matched_budget(gm, original, example_inputs, planned, patches,
+                                                          memory_budget)}
             rewrite_graph(gm, planned)
             with budget():
                 compiled = compile_fx(gm, example_inputs, config_patches=graph_patches)
         except partition.OverBudget as e:  # the budget alone keeps less: compile the original
-            gm.graph = original
-            gm.recompile()
-            fewbit.plans.append([])
             fewbit.notes.append(str(e))
-            with budget():
-                return compile_fx(gm, example_inputs, config_patches=patches)
+            return compile_original()
         except Exception as e:  # noqa: BLE001 - fall back loudly, never break the model
             if strict or _compat.is_dynamo_control_flow(e):
                 raise
             warnings.warn(f"fewbit backend: rewrite failed ({type(e).__name__}: {e}); this graph "
                           "is compiled by plain Inductor instead", RuntimeWarning, stacklevel=2)
-            gm.graph = original
-            gm.recompile()
-            fewbit.plans.append([])
-            with budget():
-                return compile_fx(gm, example_inputs, config_patches=patches)
+            return compile_original()
         fewbit.plans.append(planned)
         return compiled
 
@@ -88,13 +87,15 @@ def backend(mode: str = "auto", bits: int = 3, overrides: dict[str, str] | None 
     return fewbit
 
 
-def _matched_budget(gm, original: fx.Graph, example_inputs, planned: list[Planned], patches: dict) -> dict:
-    """Under an activation memory budget b < 1, the Inductor patch that partitions the
-    rewritten graph to save no more than b saves on the original (fewbit_fx.partition);
-    {} at b = 1, when nothing is rewritten, or when the user brought their own partitioner."""
+def _matched_budget(gm, original: fx.Graph, example_inputs, planned: list[Planned], patches: dict,
+                    memory_budget: float | None) -> dict:
+    """Under an activation memory budget b < 1 (the backend's, else the user's global one),
+    the Inductor patch that partitions the rewritten graph to save no more than b saves on
+    the original (fewbit_fx.partition); {} at b = 1, when nothing is rewritten, or when the
+    user brought their own partitioner."""
     from torch._functorch import config
 
-    b = config.activation_memory_budget
+    b = config.activation_memory_budget if memory_budget is None else float(memory_budget)
     rewrites = any(p.decision.variant != "kept" and not p.site.inplace for p in planned)
     if b >= 1.0 or not rewrites or "custom_partitioner_fn" in patches \
             or not _compat.partitioner_hooks_available():

@@ -13,7 +13,7 @@ import torch
 from torch import fx, nn
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
-from fewbit_fx import _compat
+from fewbit_fx import _compat, partition
 from fewbit_fx.example_inputs import normalise
 from fewbit_fx.measure import measure_step, scalar_loss
 from fewbit_fx.compile_backend import plan_graph, rewrite_graph
@@ -32,20 +32,9 @@ class RecordingPartitioner(CustomPartitionerFn):
         self.graphs: list[list[tuple[int, set[str], str | None]]] = []
 
     def __call__(self, gm: fx.GraphModule, joint_inputs, **kwargs):
-        from torch._functorch.partitioners import min_cut_rematerialization_partition
-
-        fw, bw = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
-        fw_nodes = {n.name: n for n in fw.graph.nodes}
-        saved = []
-        for p in bw.graph.find_nodes(op="placeholder"):
-            if p.name.startswith("tangents") or p.name not in fw_nodes:
-                continue
-            src = fw_nodes[p.name]
-            val = src.meta.get("val")
-            if isinstance(val, torch.Tensor) and src.op != "placeholder":
-                saved.append((_compat.size_hint(val.numel()) * val.element_size(), _provenance(src),
-                              _module_path(src)))
-        self.graphs.append(saved)
+        fw, bw = _compat.min_cut_partition(gm, joint_inputs, **kwargs)
+        self.graphs.append([(nbytes, _provenance(src), _module_path(src))
+                            for src, nbytes in partition.saved_activations(fw, bw)])
         return fw, bw
 
     def uuid(self):

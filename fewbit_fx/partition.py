@@ -24,24 +24,27 @@ import torch
 from torch import fx
 
 
-def saved_size(bw_module: fx.GraphModule) -> int:
-    """Bytes of the activations the backward graph takes from the forward: its inputs
-    other than gradients (tangents) and the graph's own inputs (primals: parameters,
-    which the bench excludes too, and the caller's tensors, which both plans keep alike)."""
-    total = 0
-    for node in bw_module.graph.find_nodes(op="placeholder"):
-        if node.name.startswith(("tangents", "primals")):
-            continue
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor):
-            total += _nbytes(val)
-    return total
-
-
-def _nbytes(t: torch.Tensor) -> int:
+def saved_activations(fw: fx.GraphModule, bw: fx.GraphModule) -> list[tuple[fx.Node, int]]:
+    """The forward nodes whose values the backward takes, with their bytes: the backward's
+    inputs other than gradients (tangents) and the graph's own inputs (parameters, which
+    the bench excludes too, and the caller's tensors, which any plan keeps alike)."""
     from fewbit_fx._compat import size_hint
 
-    return size_hint(t.numel()) * t.element_size()
+    fw_nodes = {n.name: n for n in fw.graph.nodes}
+    saved = []
+    for p in bw.graph.find_nodes(op="placeholder"):
+        src = fw_nodes.get(p.name)
+        if p.name.startswith("tangents") or src is None or src.op == "placeholder":
+            continue
+        val = src.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            saved.append((src, size_hint(val.numel()) * val.element_size()))
+    return saved
+
+
+def saved_size(fw: fx.GraphModule, bw: fx.GraphModule) -> int:
+    """Bytes of the activations a partition keeps: the measure the budget is matched on."""
+    return sum(n for _, n in saved_activations(fw, bw))
 
 
 def budget_alone(gm: fx.GraphModule, example_inputs, budget: float) -> int | None:
@@ -54,7 +57,7 @@ def budget_alone(gm: fx.GraphModule, example_inputs, budget: float) -> int | Non
     def record(joint, joint_inputs, **kwargs):
         with _compat.budget_patch(budget)():
             fw, bw = _compat.inductor_partition(joint, joint_inputs, **kwargs)
-        seen.append(saved_size(bw))
+        seen.append(saved_size(fw, bw))
         return fw, bw
 
     try:
@@ -91,7 +94,7 @@ def _budget_matched_class() -> type:
         def __call__(self, gm, joint_inputs, **kwargs):
             with _compat.budget_patch(self.budget)():
                 fw, bw = _compat.min_cut_partition(gm, joint_inputs, **kwargs)
-            size = saved_size(bw)
+            size = saved_size(fw, bw)
             if size > self.target and not _has_budget_annotations(gm):
                 raise OverBudget(f"at memory_budget={self.budget} the rewritten graph keeps {size} B of "
                                  f"activations, the original {self.target} B")

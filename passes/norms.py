@@ -93,17 +93,15 @@ def norm_of_call(fn, args, kwargs) -> tuple[Norm, torch.Tensor, object, object, 
     if not (eps is None and kind == "rms_norm") and not (
             isinstance(eps, (int, float)) and not isinstance(eps, bool)):
         return None
-    for t in (x, weight, bias):
-        v = example_value(t) if isinstance(t, fx.Node) else t
+    values = [example_value(t) if isinstance(t, fx.Node) else t for t in (x, weight, bias)]
+    for t, v in zip((x, weight, bias), values):
         if t is not None and not (isinstance(v, torch.Tensor) and v.dtype in _FLOATS):
             return None
-    xv = example_value(x) if isinstance(x, fx.Node) else x
+    xv = values[0]
     if xv.dim() < len(shape) or tuple(xv.shape[xv.dim() - len(shape):]) != shape:
         return None
-    for p in (weight, bias):
-        v = example_value(p) if isinstance(p, fx.Node) else p
-        if p is not None and tuple(v.shape) != shape:
-            return None
+    if any(v is not None and tuple(v.shape) != shape for v in values[1:]):
+        return None
     return (Norm(kind, call=NormCall(shape, weight is not None, bias is not None)), x, weight, bias,
             None if eps is None else float(eps))
 
@@ -114,6 +112,7 @@ _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 def find_norm_sites(graphs: list[fx.GraphModule], model: nn.Module) -> list:
     """One site per call of a supported norm module and per functional norm call outside
     such modules, in graph order."""
+    from fewbit_fx.nn import norm_kind
     from fewbit_fx.passes.detect import Site, _module_groups
 
     modules = dict(model.named_modules())
@@ -131,7 +130,7 @@ def find_norm_sites(graphs: list[fx.GraphModule], model: nn.Module) -> list:
             if _calls_a_functional_norm(nodes) and not isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 continue  # a user's module around F.layer_norm / F.rms_norm: a functional site
             if id(module) not in kinds:
-                kinds[id(module)] = _kind(module)
+                kinds[id(module)] = norm_kind(module)
             if kinds[id(module)] is None:
                 continue
             (x,) = inputs
@@ -168,12 +167,6 @@ def _functional_sites(gm: fx.GraphModule, gi: int, covered: set[fx.Node],
 def _calls_a_functional_norm(nodes: list[fx.Node]) -> bool:
     return any(n.op == "call_function" and norm_of_call(n.target, n.args, n.kwargs) is not None
                for n in nodes)
-
-
-def _kind(module: nn.Module) -> str | None:
-    from fewbit_fx.nn import norm_kind
-
-    return norm_kind(module)
 
 
 def _is_float_tensor(node) -> bool:
