@@ -35,7 +35,7 @@ def backend(mode: str = "auto", bits: int = 3, overrides: dict[str, str] | None 
     `memory_budget` is torch.compile's own activation-memory knob
     (torch._functorch.config.activation_memory_budget), applied to this backend's graphs
     only: the partitioner recomputes what it must on the rewritten graph, and a graph whose
-    rewritten plan would keep more than the budget alone keeps on the original is compiled
+    rewritten plan would keep no less than the budget alone keeps on the original is compiled
     as the original (fewbit_fx.partition). None leaves the user's global setting in force
     (the same composition applies to it).
 
@@ -90,7 +90,7 @@ def backend(mode: str = "auto", bits: int = 3, overrides: dict[str, str] | None 
 def _matched_budget(gm, original: fx.Graph, example_inputs, planned: list[Planned], patches: dict,
                     memory_budget: float | None) -> dict:
     """Under an activation memory budget b < 1 (the backend's, else the user's global one),
-    the Inductor patch that partitions the rewritten graph to save no more than b saves on
+    the Inductor patch that partitions the rewritten graph to save less than b saves on
     the original (fewbit_fx.partition); {} at b = 1, when nothing is rewritten, or when the
     user brought their own partitioner."""
     from torch._functorch import config

@@ -9,8 +9,8 @@ with LoRA adapters, b = 0.5 on the rewritten graph kept 3x what b = 0.5 keeps on
 original, because there the budget alone recomputes every activation from the block
 inputs. So under a budget the backend first reads what the budget alone saves on the
 original graph (its joint graph partitioned, no code generated), partitions the rewritten
-graph at b, and where that keeps more, compiles the original graph at b instead: never
-more memory than the budget alone, and the rewrite wherever it helps.
+graph at b, and where that keeps no less, compiles the original graph at b instead: never
+more memory than the budget alone, and the rewrite only where it saves.
 
 The hooks are Inductor's `custom_partitioner_fn` and AOTAutograd's `aot_module_simplified`
 (fewbit_fx._compat); without them, the rewritten graph gets the stock partitioner at b.
@@ -71,13 +71,14 @@ def budget_alone(gm: fx.GraphModule, example_inputs, budget: float) -> int | Non
 
 
 class OverBudget(Exception):
-    """The rewritten graph, partitioned at the budget, would save more than the budget
-    alone saves on the original graph: the backend compiles the original instead."""
+    """The rewritten graph, partitioned at the budget, would save no less than the budget
+    alone saves on the original graph: the backend compiles the original instead (at equal
+    bytes the original is the faster of the two: the rewrite only adds backward work)."""
 
 
 def matched_partitioner(budget: float, target: int):
     """A partitioner for Inductor's `custom_partitioner_fn`: the stock one at `budget`,
-    raising OverBudget where its plan would save more than `target` bytes."""
+    raising OverBudget where its plan would not save less than `target` bytes."""
     return _budget_matched_class()(budget, target)
 
 
@@ -95,9 +96,10 @@ def _budget_matched_class() -> type:
             with _compat.budget_patch(self.budget)():
                 fw, bw = _compat.min_cut_partition(gm, joint_inputs, **kwargs)
             size = saved_size(fw, bw)
-            if size > self.target and not _has_budget_annotations(gm):
+            if size >= self.target and not _has_budget_annotations(gm):
                 raise OverBudget(f"at memory_budget={self.budget} the rewritten graph keeps {size} B of "
-                                 f"activations, the original {self.target} B")
+                                 f"activations, the original {self.target} B: no saving for the "
+                                 "rewrite's extra work")
             return fw, bw
 
         def uuid(self):

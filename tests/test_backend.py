@@ -323,6 +323,19 @@ def test_memory_budget_composes_and_never_saves_more_than_the_budget_alone(froze
             torch.testing.assert_close(g, w, rtol=0.05, atol=2e-3)
 
 
+def test_where_the_rewrite_saves_nothing_under_a_budget_the_original_is_compiled():
+    # b = 0: both plans recompute everything from the block inputs, so the rewritten graph
+    # keeps exactly what the original keeps; its extra backward work would buy nothing.
+    torch.manual_seed(0)
+    x = torch.randn(32, 64)
+    model = Stack(frozen=False)
+    alone = step(compiled(model, _budget_alone(0.0)), x).bytes
+    be = fewbit_fx.backend(mode="auto", memory_budget=0.0, strict=True)
+    assert step(compiled(model, be), x).bytes == alone
+    assert be.plans == [[]] and len(be.notes) == 1, (be.plans, be.notes)
+    assert "no saving for the rewrite's extra work" in be.notes[0]
+
+
 def test_the_plain_backend_follows_the_users_global_budget():
     torch.manual_seed(0)
     x = torch.randn(32, 64)

@@ -2,6 +2,7 @@
 
 Per model, against what a user would pick instead, in one process:
 - eager baselines: plain eager, optimize(mode="exact"), optimize(mode="auto"),
+  optimize(mode="exact", norms=True) (LayerNorm/RMSNorm inverted too),
   torch.utils.checkpoint per block (Hugging Face gradient checkpointing);
 - compile baselines: torch.compile default, backend="fewbit", and torch.compile with
   torch._functorch.config.activation_memory_budget = 0.9.
@@ -51,6 +52,8 @@ def variants(name: str, model, args, kwargs):
     for mode in ("exact", "auto"):
         out.append(("eager", f"optimize-{mode}", fewbit_fx.optimize(
             copy.deepcopy(model), example_inputs=args, example_kwargs=kwargs, mode=mode)))
+    out.append(("eager", "optimize-exact+norms", fewbit_fx.optimize(
+        copy.deepcopy(model), example_inputs=args, example_kwargs=kwargs, mode="exact", norms=True)))
     if getattr(model, "supports_gradient_checkpointing", False):
         ckpt = copy.deepcopy(model)
         ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -247,6 +250,10 @@ def _sections(scale: str, out: str) -> list[tuple[str, str, list[str], str | Non
          py + ["-m", "fewbit_fx", "bench", "peak", "--scale", model_scale, "--out", out], None),
         ("compiled", "per-site saved bytes under torch.compile default vs the fewbit backend",
          py + ["-m", "fewbit_fx", "bench", "compiled", "--scale", model_scale, "--out", out], None),
+        ("budget", "the fewbit backend with torch.compile's activation memory budget, per b, "
+         "against the budget alone; LoRA fine-tuning under compile",
+         py + ["-m", "fewbit_fx", "bench", "budget", "--scale", model_scale, "--out", out]
+         + (["--repeats", "3"] if quick else []), None),
         ("compile-time", "compile time of the fewbit backend vs torch.compile default, cold caches",
          py + ["-m", "fewbit_fx", "bench", "compile-time", "--scale", model_scale, "--out", out]
          + (["--repeats", "1", "--models", "gpt2", "bert"] if quick else []), None),
@@ -317,10 +324,11 @@ def table_error_plot(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Regenerate reports/: every section, each in its own process, then the index."""
     argv = list(argv or [])
-    from fewbit_fx.evidence import anchors, compile_time, peak
+    from fewbit_fx.evidence import anchors, budget, compile_time, peak
 
     sub = {"memory": memory_and_speed, "compiled": compiled_sites, "tables-plot": table_error_plot,
-           "compile-time": compile_time.main, "anchors": anchors.main, "peak": peak.main}
+           "compile-time": compile_time.main, "anchors": anchors.main, "peak": peak.main,
+           "budget": budget.main}
     if argv and argv[0] in sub:
         return sub[argv[0]](argv[1:])
     p = argparse.ArgumentParser(prog="fewbit-fx bench", description=__doc__)
@@ -367,7 +375,7 @@ _FILES = {
     "inverse": ["inverse_floor.txt"], "ops": ["ops.txt", "ops.json"],
     "real-models": ["real_models.md", "real_models.json"], "compiled": ["compiled.md"],
     "compile-time": ["compile_time.md"], "anchors": ["anchors.md"], "peak": ["peak.md"],
-    "stacks": ["stacks.md"],
+    "budget": ["compile_budget.md", "compile_budget.json"], "stacks": ["stacks.md"],
     "convergence": ["convergence.md", "convergence.png", "convergence_runs.json"],
 }
 

@@ -38,3 +38,13 @@ def test_only_the_repository_reports_update_the_readme(tmp_path):
 
     assert "--readme" not in anchors(str(tmp_path))
     assert "--readme" in anchors(str(bench._ROOT / "reports"))
+
+
+def test_every_section_names_its_files_and_runs_a_known_sub_command():
+    for name, _, cmd, stdout_file in bench._sections("full", "reports"):
+        assert bench._FILES[name], name
+        if cmd[1:4] == ["-m", "fewbit_fx", "bench"]:  # a sub-command of this module's main
+            assert cmd[4] in {"memory", "compiled", "tables-plot", "compile-time", "anchors",
+                              "peak", "budget"}, cmd
+    budget = next(s for s in bench._sections("full", "reports") if s[0] == "budget")
+    assert budget[2][4:7] == ["budget", "--scale", "small"]
