@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import operator
 import warnings
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -37,7 +38,9 @@ def backend(mode: str = "auto", bits: int = 3, overrides: dict[str, str] | None 
     only: the partitioner recomputes what it must on the rewritten graph, and a graph whose
     rewritten plan would keep no less than the budget alone keeps on the original is compiled
     as the original (fewbit_fx.partition). None leaves the user's global setting in force
-    (the same composition applies to it).
+    (the same composition applies to it). At budget 1 the partitioner would keep a gated
+    MLP's product act(gate) * up for down_proj beside gate and up; the backend has it
+    recompute the product instead (exact; fewbit_fx.partition.gated_recompute).
 
     If the rewrite or its compilation fails, the graph is compiled unchanged by plain
     Inductor and a warning says why (the model never breaks); `strict=True` raises instead.
@@ -67,6 +70,7 @@ def backend(mode: str = "auto", bits: int = 3, overrides: dict[str, str] | None 
             planned = plan_graph(gm, mode, bits, overrides)
             graph_patches = {**patches, **_matched_budget(gm, original, example_inputs, planned, patches,
                                                           memory_budget)}
+            graph_patches.update(_gated_products(gm, planned, graph_patches, memory_budget))
             rewrite_graph(gm, planned)
             with budget():
                 compiled = compile_fx(gm, example_inputs, config_patches=graph_patches)
@@ -112,6 +116,45 @@ def _matched_budget(gm, original: fx.Graph, example_inputs, planned: list[Planne
     if target is None:
         return {}
     return {"custom_partitioner_fn": partition.matched_partitioner(b, target)}
+
+
+GATED = ("; at memory_budget 1 the partitioner is asked to recompute that product in backward too "
+         "(it would save it for the next layer's weight gradient besides both factors), where that "
+         "keeps less")
+
+
+def _gated_products(gm, planned: list[Planned], patches: dict, memory_budget: float | None) -> dict:
+    """At budget 1 (the backend's, else the user's global one), the Inductor patch that has
+    the partitioner recompute the products of gated MLPs, h = act(gate) * up, instead of
+    saving them beside gate and up (fewbit_fx.partition.gated_recompute), and a note on
+    those sites' (kept) decisions; {} if there are none or the user brought a partitioner
+    (in the backend's options or Inductor's global config).
+    Under b < 1 the budget recomputes them already (tests/test_gated_mlp.py)."""
+    from torch._functorch import config
+
+    from fewbit_fx.passes import saves
+
+    b = config.activation_memory_budget if memory_budget is None else float(memory_budget)
+    if b < 1.0 or "custom_partitioner_fn" in patches or not _compat.partitioner_hooks_available():
+        return {}
+    from torch._inductor import config as inductor_config
+
+    if inductor_config.custom_partitioner_fn is not None:  # the user's own partitioner stands
+        return {}
+    gs = None
+    products, sites = set(), []
+    for p in planned:
+        if p.decision.variant != "kept" or p.site.checkpointed or p.site.output.graph is not gm.graph:
+            continue
+        if gs is None:
+            gs = saves.analyse_graph(gm.graph)
+        keepers = saves._recomputed_by(p.site, gs)  # noqa: SLF001 - the analysis the decision used
+        if keepers:
+            products |= {k.name for k in keepers}
+            sites.append(p)
+    for p in sites:
+        p.decision = replace(p.decision, reason=p.decision.reason + GATED)
+    return {"custom_partitioner_fn": partition.gated_recompute(tuple(products))} if products else {}
 
 
 def _snapshot(graph: fx.Graph) -> fx.Graph:
