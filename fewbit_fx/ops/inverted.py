@@ -10,6 +10,7 @@ from fewbit_fx.activations import Activation, from_op_args
 # Imported eagerly: its tables are built on import, never while torch.compile traces.
 from fewbit_fx.inverse import derivative_from_output, tanhshrink_half_derivative
 from fewbit_fx.kernels import cpu as cpu_kernels
+from fewbit_fx.ops import forward32
 from fewbit_fx.ops._common import (
     check_input, chunkable, chunks, compare_dtype, no_double_backward, refuse_create_graph,
 )
@@ -63,32 +64,43 @@ def _forward_compiled(x, act, params):
 
 
 def compiled_output(a: Activation, x: Tensor) -> Tensor:
-    """y = f(x) as the compiled forward computes it: f in float64, rounded once to float32,
-    for float32 x and an f' read back by the numerical inverse; else f as torch writes it.
+    """y = f(x) as the compiled forward computes it: for float32 x of GELU (both forms),
+    Mish and their formula twins, fewbit_fx.ops.forward32's, rounded as the numerical
+    inverse needs it at the minimum; else f as torch writes it.
 
     The numerical inverse is accurate to the floor of a correctly rounded y (within
     0.5 ulp), and near the minimum, where f' ~ sqrt(2 f'' (y - y_min)), every ulp of y
-    costs: Inductor's float32 GELU, 0.5 x (1 + erf(x / sqrt 2)), is off by up to ~6 ulps
-    there (its vectorised erf has ~1e-7 absolute error, and 1 + erf cancels), which gave
-    f' errors of ~3e-4 against a floor of 5e-5; tanh-GELU is off by ~3 ulps, SiLU and Mish
-    by up to ~2 (eager torch is no better: its y stays torch's own, see inverted_forward).
-    In float64 every one is correctly rounded (1.7-3x the forward's cost, one fused
-    kernel), so only where float32 misses 2x the floor: GELU (both forms) and Mish, and
-    their formula twins; SiLU (1.7x the floor, and 10x the cost in float64) and Tanhshrink
-    keep float32. Half x needs nothing: Inductor computes it in float32 and rounds once.
-    Closed forms read f' from y directly, so an ulp of y costs an ulp of f'.
+    costs: Inductor's float32 GELU, 0.5 x (1 + erf(x / sqrt 2)), is off by up to ~9 ulps
+    there (its vectorised erf has ~1.5e-7 absolute error, and 1 + erf cancels), which gave
+    f' errors of 3.05e-4 against a floor of 4.76e-5; tanh GELU (2.5 ulps) 1.43e-4 against
+    5.14e-5, Mish (1.9 ulps) 1.44e-4 against 6.92e-5 (eager torch is no better: its y
+    stays torch's own, see inverted_forward). forward32 computes y = y_min + P(x - x_min)
+    for |x - x_min| < 1/8 (within 0.55 ulp), which brings all three to the floor (4.62e-5,
+    4.77e-5, 6.91e-5), one fused float32 kernel at 1.23-1.29x the cost of Inductor's erf
+    GELU forward, 1.04x its Mish and 0.81-0.84x its tanh GELU (whose whole float32 form it
+    replaces: see forward32). SiLU (1.7x the floor as Inductor computes it) and Tanhshrink
+    keep torch's float32. Half x needs nothing: Inductor computes it in float32 and rounds
+    once. Closed forms read f' from y directly, so an ulp of y costs an ulp of f'.
+
+    FLOAT64_FORWARD (off by default) computes f in float64 instead and rounds once:
+    correctly rounded (but for the tails of the 1 + erf, 1 + tanh forms), at 1.7-7x the
+    forward kernel's cost.
     """
     base = a.twin[0] if a.twin is not None else a
     if x.dtype == torch.float32 and base.name in FLOAT64_FORWARD:
         return a.forward(x.double()).to(x.dtype)
+    if x.dtype == torch.float32 and base.name in _FORWARD32 and (a.twin is None or a.twin[1] == 1):
+        return forward32.output(a, base.name, x)
     return a.forward(x)
 
 
-# Where the compiled forward computes f in float64 (see compiled_output). Empty: for GELU
-# (both forms) and Mish it reaches the floor (compiled GELU f' error 3.05e-4 -> 4.76e-5)
-# but costs 1.15-1.27x a compiled GELU model's step (reports/benchmarks.md, small scale);
-# until a cheaper correctly-rounded forward exists, the compiled step stays as fast as
-# Inductor's. FLOAT64_FORWARD = ("gelu", "gelu_tanh", "mish") turns it on.
+_FORWARD32 = ("gelu", "gelu_tanh", "mish")  # fewbit_fx.ops.forward32's, for float32 x
+
+# Where the compiled forward computes f in float64 (see compiled_output), before
+# _FORWARD32. Empty: forward32 reaches the floor as well for GELU and Mish, while float64
+# cost 1.15-1.27x a compiled GELU model's step (reports/benchmarks.md, small scale), and
+# SiLU (1.7x the floor) would pay 10x its forward. FLOAT64_FORWARD = ("gelu", "gelu_tanh",
+# "mish") turns it on.
 FLOAT64_FORWARD: tuple[str, ...] = ()
 
 
