@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fewbit_fx.activations import from_module
+from fewbit_fx.inverse import SUPPORTED as _INVERSE_SUPPORTED, derivative_from_output
 from fewbit_fx.nn import FewBit, Inverted
 from fewbit_fx.tables import SampleDensity, optimal_table
 
@@ -88,6 +89,7 @@ CLOSED_FORM = {"elu", "selu", "celu", "softplus", "hardsigmoid", "logsigmoid", "
 NUMERICAL = {"gelu", "gelu_tanh", "silu", "mish", "tanhshrink", "hardswish", *HF_MODULES}
 NON_MONOTONE = {"gelu", "gelu_tanh", "silu", "mish", "hardswish", *HF_MODULES}
 assert TORCH_KERNEL | CLOSED_FORM | NUMERICAL == set(ALL_MODULES)
+INVERSE_TABLES = NON_MONOTONE & set(_INVERSE_SUPPORTED)  # torch's modules with a numerical inverse
 
 
 def _stub_table(act, bits, density=None):
@@ -284,8 +286,18 @@ def test_inverted_gradient_vs_float64_reference(name, dtype):
     y, grad = run_grad(Inverted(module), x, g)
     assert torch.equal(y.detach(), module(x))
     assert grad.dtype == dtype
-    err = (grad.double() - reference_grad(module, x, g)).abs()
+    reference = reference_grad(module, x, g)
+    err = (grad.double() - reference).abs()
     tol = TOL[name in NUMERICAL, dtype]
+    if dtype == torch.float32 and name in INVERSE_TABLES:
+        # Eager y is torch's own (the forward is unchanged), and near the minimum f' ~
+        # sqrt(y - y_min) turns its ulps into f' error: on AVX2 torch's GELU y is a few ulps
+        # off there (2.1e-4 at x = -0.75; AVX-512's within 2e-4). The float64 inverse of
+        # that very y is what any method given it must lose; ours must stay at it.
+        right = x.double() > from_module(module).x_min
+        floor = (derivative_from_output(from_module(module), y.detach().double(), right, torch.float64)
+                 - reference).abs().max().item()
+        tol = max(tol, 1.05 * floor)
     worst = int(err.argmax())
     assert float(err.max()) <= tol, (
         f"{name} {dtype}: max |error| {float(err.max()):.3g} > {tol:g} at x = {float(x[worst])!r}"
