@@ -179,6 +179,8 @@ def module_path(dynamo_path: str) -> str:
     that were not captured here (the compiler backend's, where no model object is at hand
     and the path only names a site in reports and overrides)."""
     path = _ROOT.sub("", dynamo_path)
+    # a child read through the instance dict (PEFT's __getattr__): .__dict__['_modules']['x']
+    path = re.sub(r"\.__dict__\[['\"]_modules['\"]\]\[['\"]([^'\"]+)['\"]\]", r".\1", path)
     path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", path)
     path = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", path)
     return path.lstrip(".")

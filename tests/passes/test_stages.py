@@ -212,6 +212,7 @@ def test_capture_rng_restored():
     ("L['self'].h[0].mlp.act", "h.0.mlp.act"),
     ("L['self']._modules['h']._modules['0'].mlp", "h.0.mlp"),
     ("L['self'].encoder.layer[11]", "encoder.layer.11"),
+    ("L['self'].__dict__['_modules']['base_model'].model.h[1]", "base_model.model.h.1"),  # PEFT
     ("L['self']", ""),
 ])
 def test_module_path(dynamo, expected):
