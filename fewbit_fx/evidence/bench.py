@@ -27,21 +27,12 @@ from pathlib import Path
 import torch
 
 from fewbit_fx.evidence import models
+from fewbit_fx.evidence.budget import budget_alone
 from fewbit_fx.evidence.process_peak import peak_of_step as _peak, run_step as _step
 from fewbit_fx.measure import measure_step, scalar_loss
 
 SCALES = {"quick": ("tiny", 3), "full": ("small", 7)}  # model scale, timed repeats
 MODELS = ("gpt2", "bert", "llama", "vit")
-
-
-def _budget_backend(budget: float):
-    from torch._inductor.compile_fx import compile_fx
-
-    def inductor_with_budget(gm, example_inputs):
-        with torch._functorch.config.patch(activation_memory_budget=budget):
-            return compile_fx(gm, example_inputs)
-
-    return inductor_with_budget
 
 
 def variants(name: str, model, args, kwargs):
@@ -61,7 +52,7 @@ def variants(name: str, model, args, kwargs):
     with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
         out.append(("compile", "compile", torch.compile(copy.deepcopy(model))))
         out.append(("compile", "fewbit-backend", torch.compile(copy.deepcopy(model), backend="fewbit")))
-        out.append(("compile", "budget-0.9", torch.compile(copy.deepcopy(model), backend=_budget_backend(0.9))))
+        out.append(("compile", "budget-0.9", torch.compile(copy.deepcopy(model), backend=budget_alone(0.9))))
     return out
 
 
