@@ -9,6 +9,7 @@ step time over interleaved repeats and its ratio to the budget alone at the same
 largest gradient error against the uncompiled model (relative to the largest gradient).
 
 Run: python -m fewbit_fx bench budget [--scale small] [--models ...] [--repeats 7]
+(CPU only for now: the models are built and stepped on the CPU.)
 """
 from __future__ import annotations
 
@@ -176,11 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--out", default="reports")
     a = p.parse_args(argv)
-    rows = []
-    for name in a.models:
+    rows, env = [], environment("cpu")
+    for name in a.models:  # written after each model: a long run interrupted keeps what it measured
         t = time.perf_counter()
         rows += bench_model(name, a.scale, a.repeats)
         print(f"{name}: done in {time.perf_counter() - t:.0f} s", flush=True)
-    write(Path(a.out), rows, a.scale, a.repeats, environment("cuda" if torch.cuda.is_available() else "cpu"))
+        write(Path(a.out), rows, a.scale, a.repeats, env)
     print(f"wrote {a.out}/compile_budget.md")
     return 0
