@@ -412,6 +412,8 @@ How things are measured:
   fitted to the example inputs, optimize()'s default).
 
 Not measured yet: GPU figures (no GPU was available to the sessions that made these).
+`compile_budget_base/` is the budget section at base scale (`python -m fewbit_fx bench budget
+--scale base --out reports/compile_budget_base`, about 10 minutes per model on this machine).
 The convergence section at `--scale quick` trains for only 150 steps; `--scale full` trains
 3000 steps per run (33 runs in parallel worker processes, about 25 minutes on this 2-core
 machine). `python -m fewbit_fx.evidence.convergence --scale full` refreshes it alone.
