@@ -52,7 +52,8 @@ def implementation_hash() -> str:
 
     root = Path(__file__).parent
     files = sorted(str(p) for p in [*root.glob("ops/*.py"), *root.glob("activations/*.py"),
-                                    root / "packing.py", root / "inverse.py", root / "tables.py"])
+                                    root / "packing.py", root / "inverse.py", root / "tables.py",
+                                    root / "partition.py"])
     return get_hash_for_files(tuple(files)).hex()
 
 

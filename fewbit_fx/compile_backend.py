@@ -97,12 +97,9 @@ def _matched_budget(gm, original: fx.Graph, example_inputs, planned: list[Planne
     the Inductor patch that partitions the rewritten graph to save less than b saves on
     the original (fewbit_fx.partition); {} at b = 1, when nothing is rewritten, or when the
     user brought their own partitioner."""
-    from torch._functorch import config
-
-    b = config.activation_memory_budget if memory_budget is None else float(memory_budget)
+    b = _budget_in_force(memory_budget)
     rewrites = any(p.decision.variant != "kept" and not p.site.inplace for p in planned)
-    if b >= 1.0 or not rewrites or "custom_partitioner_fn" in patches \
-            or not _compat.partitioner_hooks_available():
+    if b >= 1.0 or not rewrites or not _partitioner_free(patches):
         return {}
     # The trace runs on gm itself (AOTAutograd reads Dynamo's metadata from it: compile id,
     # parameter sources, hence which inputs are parameters) holding a copy of its graph.
@@ -118,6 +115,22 @@ def _matched_budget(gm, original: fx.Graph, example_inputs, planned: list[Planne
     return {"custom_partitioner_fn": partition.matched_partitioner(b, target)}
 
 
+def _budget_in_force(memory_budget: float | None) -> float:
+    """The backend's budget, else the user's global activation_memory_budget."""
+    from torch._functorch import config
+
+    return config.activation_memory_budget if memory_budget is None else float(memory_budget)
+
+
+def _partitioner_free(patches: dict) -> bool:
+    """Whether the backend may install its own partitioner: the hooks exist and the user set
+    none (in the backend's options or Inductor's global config: theirs stands)."""
+    from torch._inductor import config as inductor_config
+
+    return (_compat.partitioner_hooks_available() and "custom_partitioner_fn" not in patches
+            and inductor_config.custom_partitioner_fn is None)
+
+
 GATED = ("; at memory_budget 1 the partitioner is asked to recompute that product in backward too "
          "(it would save it for the next layer's weight gradient besides both factors), where that "
          "keeps less")
@@ -130,16 +143,9 @@ def _gated_products(gm, planned: list[Planned], patches: dict, memory_budget: fl
     those sites' (kept) decisions; {} if there are none or the user brought a partitioner
     (in the backend's options or Inductor's global config).
     Under b < 1 the budget recomputes them already (tests/test_gated_mlp.py)."""
-    from torch._functorch import config
-
     from fewbit_fx.passes import saves
 
-    b = config.activation_memory_budget if memory_budget is None else float(memory_budget)
-    if b < 1.0 or "custom_partitioner_fn" in patches or not _compat.partitioner_hooks_available():
-        return {}
-    from torch._inductor import config as inductor_config
-
-    if inductor_config.custom_partitioner_fn is not None:  # the user's own partitioner stands
+    if _budget_in_force(memory_budget) < 1.0 or not _partitioner_free(patches):
         return {}
     gs = None
     products, sites = set(), []

@@ -189,7 +189,7 @@ def _gated_recompute_class() -> type:
             tagged = tag_products(gm, self.products)
             if tagged is not None:
                 try:
-                    fw, bw = _compat.min_cut_partition(tagged, joint_inputs, **dict(kwargs))
+                    fw, bw = _compat.min_cut_partition(tagged, joint_inputs, **kwargs)
                 except Exception as e:  # noqa: BLE001 - the stock partition below still stands
                     warnings.warn(f"fewbit backend: recomputing the gated products failed "
                                   f"({type(e).__name__}: {e}); partitioned as is", RuntimeWarning, stacklevel=2)
@@ -200,12 +200,9 @@ def _gated_recompute_class() -> type:
             return stock
 
         def uuid(self):
-            from torch._inductor.custom_graph_pass import get_hash_for_files
-
             from fewbit_fx.cache_key import implementation_hash
 
-            return (implementation_hash(), get_hash_for_files((__file__,)).hex(), "gated-recompute",
-                    self.products)
+            return (implementation_hash(), "gated-recompute", self.products)
 
     GatedRecompute.__module__ = __name__
     GatedRecompute.__qualname__ = "GatedRecompute"

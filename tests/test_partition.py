@@ -45,7 +45,8 @@ def test_lora_under_a_budget_never_keeps_more_than_the_budget_alone():
     assert torch._functorch.config.activation_memory_budget == 1.0
 
 
-def test_a_partitioner_the_user_brings_is_left_in_charge():
+@pytest.mark.parametrize("where", ["backend option", "global config"])
+def test_a_partitioner_the_user_brings_is_left_in_charge(where):
     from fewbit_fx import _compat
 
     model, args, kwargs = _lora_gpt2()
@@ -60,6 +61,11 @@ def test_a_partitioner_the_user_brings_is_left_in_charge():
             return "counting"
 
     torch._dynamo.reset()
-    be = fewbit_fx.backend(memory_budget=0.5, custom_partitioner_fn=Counting())
-    measure_step(torch.compile(copy.deepcopy(model), backend=be), args, kwargs)
+    if where == "backend option":
+        be = fewbit_fx.backend(memory_budget=0.5, custom_partitioner_fn=Counting())
+        measure_step(torch.compile(copy.deepcopy(model), backend=be), args, kwargs)
+    else:
+        be = fewbit_fx.backend(memory_budget=0.5)
+        with torch._inductor.config.patch(custom_partitioner_fn=Counting()):
+            measure_step(torch.compile(copy.deepcopy(model), backend=be), args, kwargs)
     assert calls and not be.notes
