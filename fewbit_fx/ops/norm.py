@@ -79,8 +79,27 @@ def _forward(x, kind, normalized_shape, weight, bias, eps, allow_whole):
 
 
 def _forward_compiled(x, kind, normalized_shape, weight, bias, eps, allow_whole):
-    """Inductor's version: a traced graph never switches to saving all of x."""
-    return _forward(x, kind, normalized_shape, weight, bias, eps, False)
+    """Inductor's version: a traced graph never switches to saving all of x, and x's
+    unsafe columns are gathered by an op the partitioner cannot recompute (gather_columns),
+    so that it saves those columns and not all of x to gather them again in backward
+    (it sizes the data-dependent side by a large fallback guess and would pick x)."""
+    _check(x, kind, normalized_shape, weight, bias)
+    n = math.prod(normalized_shape)
+    y, mean, rstd = _output_and_statistics(x, kind, normalized_shape, weight, bias, eps)
+    idx = unsafe_channels(y, len(normalized_shape), weight, bias).nonzero().view(-1)
+    rows = x.numel() // n if n else 0
+    return y, mean, rstd, torch.ops.fewbit_fx.gather_columns(x.reshape(rows, n), idx), idx
+
+
+@torch.library.custom_op("fewbit_fx::gather_columns", mutates_args=())
+def gather_columns(x: Tensor, idx: Tensor) -> Tensor:
+    """x[:, idx] as a new tensor: an opaque op for the partitioner (see _forward_compiled)."""
+    return x.index_select(1, idx)
+
+
+@gather_columns.register_fake
+def _(x, idx):
+    return x.new_empty((x.shape[0], idx.shape[0]))
 
 
 def _check(x, kind, normalized_shape, weight, bias):
@@ -254,40 +273,47 @@ def _param_grads(gw, gb, weight, bias):
 def _backward_2d(g, y, mean, rstd, side, idx, weight, bias, kind, whole):
     """The norm backward on (rows, n) blocks; gradient sums over the rows unreduced
     across blocks. Returns grad_input in x's dtype (side's), param grads in the compute
-    dtype."""
+    dtype.
+
+    x_hat's unsafe columns (idx) come from side and are combined with the rest only in
+    terms that read the gradient: a graph partitioner moves work that reads forward values
+    alone into the forward and saves its result, so a full x_hat built from y and side
+    would be saved beside y (measured: torch.compile kept a second copy of the norm's size)."""
     dt = _compute_dtype(y.dtype, weight)
     n = y.shape[1]
     gamma = weight.reshape(n).to(dt) if weight is not None else None
     r = rstd.to(dt)
     exact = side.to(dt)  # x's columns -> their x_hat, as the forward computed it
     exact = (exact - mean.to(dt)) * r if kind == "layer_norm" else exact * r
+    # HF rounds x_hat to x's dtype before the weight multiply (uncast too, T5 to a half weight's):
+    # grad_weight sees that rounded value (y / gamma recovers it), grad_input the unrounded one.
+    rounding = (side.dtype if kind in ("hf_rms_norm", "uncast_rms_norm") else
+                weight.dtype if kind == "t5_rms_norm" and weight is not None and weight.dtype in HALF
+                else None)
+    exact_w = exact.to(rounding).to(dt) if rounding is not None else exact
+    gdt = g.to(dt)
+    gh = gdt * gamma if gamma is not None else gdt
+    centre = gh.mean(1, keepdim=True) if kind == "layer_norm" else None
     if whole:
-        xhat = exact
+        proj = (gh * exact).mean(1, keepdim=True)
+        gx = r * ((gh - centre if centre is not None else gh) - exact * proj)
+        gw = (gdt * exact_w).sum(0) if weight is not None else None
     else:
-        xhat = y.to(dt)
+        xhat = y.to(dt)  # the safe columns, recovered from y; the unsafe ones zeroed
         if bias is not None:
             xhat = xhat - bias.reshape(n).to(dt)
         if gamma is not None:
             xhat = xhat / gamma
-        xhat = xhat.index_copy(1, idx, exact)
-    # HF rounds x_hat to x's dtype before the weight multiply (uncast too, T5 to a half weight's):
-    # grad_weight sees that rounded value (y / gamma recovers it), grad_input the unrounded one.
-    xhat_w = xhat
-    rounding = (side.dtype if kind in ("hf_rms_norm", "uncast_rms_norm") else
-                weight.dtype if kind == "t5_rms_norm" and weight is not None and weight.dtype in HALF
-                else None)
-    if rounding is not None:
-        rounded = exact.to(rounding).to(dt)
-        xhat_w = rounded if whole else xhat.index_copy(1, idx, rounded)
-    gdt = g.to(dt)
-    gw = (gdt * xhat_w).sum(0) if weight is not None else None
+        unsafe = torch.zeros(n, dtype=torch.bool, device=y.device).index_fill(0, idx, True)
+        xhat = torch.where(unsafe, 0.0, xhat)
+        gh_u, g_u = gh.index_select(1, idx), gdt.index_select(1, idx)
+        proj = ((gh * xhat).sum(1, keepdim=True) + (gh_u * exact).sum(1, keepdim=True)) / n
+        gx = r * ((gh - centre if centre is not None else gh) - xhat * proj)
+        gx_u = r * ((gh_u - centre if centre is not None else gh_u) - exact * proj)
+        gx = gx.index_copy(1, idx, gx_u)
+        gw = ((gdt * xhat).sum(0).index_copy(0, idx, (g_u * exact_w).sum(0))
+              if weight is not None else None)
     gb = gdt.sum(0) if bias is not None else None
-    gh = gdt * gamma if gamma is not None else gdt
-    proj = (gh * xhat).mean(1, keepdim=True)
-    if kind == "layer_norm":
-        gx = r * (gh - gh.mean(1, keepdim=True) - xhat * proj)
-    else:
-        gx = r * (gh - xhat * proj)
     if gw is None:
         gw = gx.new_empty(0)
     if gb is None:

@@ -403,6 +403,11 @@ def test_saved_bytes_drop_by_x(kind):
     inverted = measure(nn.Sequential(a, Inverted(norm), b))
     torch._dynamo.reset()  # default torch.compile: a graph break at the op keeps the eager saving
     assert measure(torch.compile(nn.Sequential(a, Inverted(norm), b))) == inverted
+    # fullgraph: Inductor's partitioner plans the saves; it keeps x's unsafe columns, not x,
+    # and recovers x_hat in backward (it saved a full x_hat, then x, before gather_columns
+    # and the gradient-side recovery in _backward_2d)
+    torch._dynamo.reset()
+    assert measure(torch.compile(nn.Sequential(a, Inverted(norm), b), fullgraph=True)) == inverted
     torch._dynamo.reset()
     rows, d = 8 * 64, 32
     stats = rows * 4 * (2 if kind == "layer_norm" else 1)  # fp32 mean (LayerNorm), rstd
