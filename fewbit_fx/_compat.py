@@ -94,16 +94,17 @@ def capture_config():
         optimize_ddp=False)  # DDP's graph splitting at bucket bounds would hide consumers
 
 
-def size_hint(n) -> int:
+def size_hint(n, unbacked: int = 8192) -> int:
     """An int for a size that may be symbolic (a SymInt under dynamic shapes), without
-    adding a guard: sizes here only feed estimates and messages."""
+    adding a guard: sizes here only feed estimates and messages. `unbacked`: the guess for
+    a data-dependent size (torch's own default; clamped to the size's known range)."""
     if isinstance(n, int):
         return n
     from torch.fx.experimental import symbolic_shapes
 
     hint = getattr(symbolic_shapes, "optimization_hint", None)  # torch 2.13
     if hint is not None:
-        return hint(n, fallback=8192)
+        return hint(n, fallback=unbacked)
     return symbolic_shapes.hint_int(n)  # older releases
 
 
@@ -184,3 +185,39 @@ def partitioner_hooks_available() -> bool:
     except ImportError:
         return False
     return hasattr(config, "custom_partitioner_fn")
+
+
+def _tracing_shape_env():
+    """The ShapeEnv of the compile under way (Dynamo's, which AOTAutograd traces with), or None."""
+    from torch._guards import TracingContext
+
+    ctx = TracingContext.try_get()
+    mode = getattr(ctx, "fake_mode", None) if ctx is not None else None
+    return getattr(mode, "shape_env", None)
+
+
+def dynamic_output_shapes_possible() -> bool:
+    """Whether the compile under way can trace ops with data-dependent output sizes (the
+    inverted norm's side tensor) once dynamic_output_shapes() allows them: Dynamo allows
+    them only under fullgraph=True, yet the backend's graph is past Dynamo, and AOTAutograd
+    and Inductor support them (unbacked sizes) either way."""
+    env = _tracing_shape_env()
+    return env is not None and hasattr(env, "settings") and hasattr(env.settings, "allow_dynamic_output_shape_ops")
+
+
+@contextlib.contextmanager
+def dynamic_output_shapes():
+    """Allow data-dependent output sizes in the compile under way, restoring the setting
+    after (the ShapeEnv belongs to this one frame's compile)."""
+    import dataclasses
+
+    env = _tracing_shape_env() if dynamic_output_shapes_possible() else None
+    if env is None or env.settings.allow_dynamic_output_shape_ops:
+        yield
+        return
+    old = env.settings
+    env.settings = dataclasses.replace(old, allow_dynamic_output_shape_ops=True)
+    try:
+        yield
+    finally:
+        env.settings = old

@@ -211,7 +211,8 @@ def report(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode: 
     and buffers and RNG are restored. With `compiled`, the rows compare
     torch.compile's default with the fewbit backend, read from the partitioned graphs
     (copies of the model are compiled; the model itself is untouched; the backend's
-    tables are the N(0, 1) ones). `tables` and `norms` as in optimize() (norms: eager only).
+    tables are the N(0, 1) ones). `tables` and `norms` as in optimize() (compiled: the
+    backend's norms=True).
     """
     calibration.check_tables(tables)
     _check_norms(norms)
@@ -223,7 +224,7 @@ def report(model: nn.Module, *, example_inputs=None, example_kwargs=None, mode: 
         decide.check_mode(mode)
         check_bits(bits)
         return compiled_report(model, example_inputs=example_inputs, example_kwargs=example_kwargs,
-                               mode=mode, bits=bits, overrides=overrides)
+                               mode=mode, bits=bits, overrides=overrides, norms=norms)
     if example_inputs is None and example_kwargs is None:
         inner = model
         while getattr(inner, "_fewbit_report", None) is None and isinstance(

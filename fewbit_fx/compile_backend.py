@@ -26,10 +26,12 @@ from fewbit_fx.packing import check_bits
 from fewbit_fx.passes import decide
 from fewbit_fx.passes.plan import plan_graphs
 from fewbit_fx.passes.plan import Planned
+from fewbit_fx.passes.norms import Norm
 
 
 def backend(mode: str = "auto", bits: int = 3, overrides: dict[str, str] | None = None,
-            strict: bool = False, memory_budget: float | None = None, **inductor_options) -> Callable:
+            strict: bool = False, memory_budget: float | None = None, norms: bool = False,
+            **inductor_options) -> Callable:
     """A configured backend. `inductor_options` go to Inductor as config patches
     (for example max_autotune=True, or triton.cudagraphs=True).
 
@@ -42,11 +44,18 @@ def backend(mode: str = "auto", bits: int = 3, overrides: dict[str, str] | None 
     MLP's product act(gate) * up for down_proj beside gate and up; the backend has it
     recompute the product instead (exact; fewbit_fx.partition.gated_recompute).
 
+    `norms`: also rewrite LayerNorm / RMSNorm calls whose output a consumer keeps, as
+    optimize(norms=True) does (F.layer_norm / F.rms_norm, nn.LayerNorm / nn.RMSNorm, and
+    RMSNorms written as aten ops, found in the graph: passes/norms).
+
     If the rewrite or its compilation fails, the graph is compiled unchanged by plain
     Inductor and a warning says why (the model never breaks); `strict=True` raises instead.
     """
     decide.check_mode(mode)
     check_bits(bits)
+    if not isinstance(norms, bool):
+        raise TypeError(f"fewbit backend: norms must be True or False (rewrite LayerNorm/RMSNorm "
+                        f"calls too), got {norms!r}")
     budget = _compat.budget_patch(memory_budget)
     patches = with_cache_key(dict(inductor_options))
 
@@ -67,12 +76,12 @@ def backend(mode: str = "auto", bits: int = 3, overrides: dict[str, str] | None 
                 return compile_fx(gm, example_inputs, config_patches=patches)
 
         try:
-            planned = plan_graph(gm, mode, bits, overrides)
+            planned = plan_graph(gm, mode, bits, overrides, norms and _compat.dynamic_output_shapes_possible())
             graph_patches = {**patches, **_matched_budget(gm, original, example_inputs, planned, patches,
                                                           memory_budget)}
             graph_patches.update(_gated_products(gm, planned, graph_patches, memory_budget))
             rewrite_graph(gm, planned)
-            with budget():
+            with budget(), _compat.dynamic_output_shapes():
                 compiled = compile_fx(gm, example_inputs, config_patches=graph_patches)
         except partition.OverBudget as e:  # the budget alone keeps less: compile the original
             fewbit.notes.append(str(e))
@@ -180,8 +189,8 @@ def fewbit_backend(gm: fx.GraphModule, example_inputs):
 
 
 def plan_graph(gm: fx.GraphModule, mode: str, bits: int,
-               overrides: dict[str, str] | None) -> list[Planned]:
-    return plan_graphs([gm], mode, bits, overrides, compiled=True)
+               overrides: dict[str, str] | None, norms: bool = False) -> list[Planned]:
+    return plan_graphs([gm], mode, bits, overrides, compiled=True, norms_in_graph=norms)
 
 
 def rewrite_graph(gm: fx.GraphModule, planned: list[Planned]) -> int:
@@ -195,7 +204,12 @@ def rewrite_graph(gm: fx.GraphModule, planned: list[Planned]) -> int:
         x = replaced.get(site.input, site.input)  # its input may be an earlier site's output
         graph = gm.graph
         with graph.inserting_before(site.output.next):  # keeps insertion order
-            if p.decision.variant == "inverted":
+            if isinstance(act, Norm):
+                o = act.operands
+                call = graph.call_function(
+                    torch.ops.fewbit_fx.inverted_norm_forward.default,
+                    (x, act.name, list(o.normalized_shape), o.weight, o.bias, o.eps, False))
+            elif p.decision.variant == "inverted":
                 call = graph.call_function(
                     torch.ops.fewbit_fx.inverted_forward.default, (x, act.name, act.param_list))
             else:

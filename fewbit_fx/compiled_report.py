@@ -61,7 +61,7 @@ def _provenance(node: fx.Node, depth: int = 4) -> set[str]:
 
 
 def compiled_report(model: nn.Module, *, example_inputs=None, example_kwargs=None,
-                    mode: str = "auto", bits: int = 3, overrides=None) -> Report:
+                    mode: str = "auto", bits: int = 3, overrides=None, norms: bool = False) -> Report:
     from torch._inductor.compile_fx import compile_fx
 
     args, kwargs = normalise(example_inputs, example_kwargs)
@@ -78,7 +78,7 @@ def compiled_report(model: nn.Module, *, example_inputs=None, example_kwargs=Non
         # them mid-trace, too late for this graph (Inductor then fails: "both a fallback
         # and a decomp")
         inductor.register()
-        planned = plan_graph(gm, mode, bits, overrides)
+        planned = plan_graph(gm, mode, bits, overrides, norms and _compat.dynamic_output_shapes_possible())
         unrecognised.extend(n for n in unrecognised_activations([gm], [p.site for p in planned])
                             if n not in unrecognised)
         analysed = {}  # per graph: a site may sit in a checkpointed region's own graph
@@ -93,7 +93,8 @@ def compiled_report(model: nn.Module, *, example_inputs=None, example_kwargs=Non
             names[p.site.name] |= _new_nodes_after(gm, p, before)
         plans.append(planned)
         site_names.append(names)
-        return compile_fx(gm, ex, config_patches=_no_cache(fewbit_rec))
+        with _compat.dynamic_output_shapes():
+            return compile_fx(gm, ex, config_patches=_no_cache(fewbit_rec))
 
     measured = []
     with _compat.dynamo_leaves_no_trace():

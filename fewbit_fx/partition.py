@@ -32,14 +32,39 @@ def saved_activations(fw: fx.GraphModule, bw: fx.GraphModule) -> list[tuple[fx.N
 
     fw_nodes = {n.name: n for n in fw.graph.nodes}
     saved = []
+    storages = set()  # views of one tensor (y and y.view(-1, d) for a matmul) count once
     for p in bw.graph.find_nodes(op="placeholder"):
         src = fw_nodes.get(p.name)
         if p.name.startswith("tangents") or src is None or src.op == "placeholder":
             continue
         val = src.meta.get("val")
         if isinstance(val, torch.Tensor):
-            saved.append((src, size_hint(val.numel()) * val.element_size()))
+            key = _storage_key(val)
+            if key is not None and key in storages:
+                continue
+            storages.add(key)
+            saved.append((src, _storage_bytes(val)))
     return saved
+
+
+def _storage_bytes(val: torch.Tensor) -> int:
+    """The bytes of the value's storage. A data-dependent size counts as its smallest: the
+    inverted norm's side tensor holds the channels y cannot tell, usually none (torch's
+    fallback guess would count it as all of x, and the plan as no better than the original)."""
+    from fewbit_fx._compat import size_hint
+
+    try:
+        return size_hint(val.untyped_storage().nbytes(), unbacked=0)
+    except Exception:  # noqa: BLE001 - no storage to read: the value's own size
+        return size_hint(val.numel(), unbacked=0) * val.element_size()
+
+
+def _storage_key(val: torch.Tensor):
+    """An id shared by the traced values that are views of one tensor, or None."""
+    try:
+        return torch.multiprocessing.reductions.StorageWeakRef(val.untyped_storage()).cdata
+    except Exception:  # noqa: BLE001 - a value without storage: counted on its own
+        return None
 
 
 def saved_size(fw: fx.GraphModule, bw: fx.GraphModule) -> int:

@@ -12,10 +12,16 @@ Found in eager captures only, where the module objects are at hand:
   (also torch.layer_norm / torch.rms_norm) in some module's own forward, dispatched at run
   time to fewbit_fx.nn.InvertedNormCall with the call's own weight and bias
   (passes/source_rewrite), only when the call matches the plan (`norm_of_call`).
+
+Found in the compiler's graph too (`find_compiled_norm_sites`, the "fewbit" backend with
+norms=True), where no module object exists: F.layer_norm / F.rms_norm nodes (nn.LayerNorm
+and nn.RMSNorm trace to them), and aten-op RMSNorms recognised by pattern (a module call
+with one input, a 1-D weight, an epsilon and an rsqrt) and confirmed by running its nodes
+on probe inputs against each formula, bit for bit.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,12 +40,24 @@ class NormCall:
 
 
 @dataclass(frozen=True)
+class Operands:
+    """A norm in the compiler's graph as the inverted op takes it: its weight and bias
+    nodes (None where absent), normalized_shape and eps."""
+
+    weight: fx.Node | None
+    bias: fx.Node | None
+    normalized_shape: tuple[int, ...]
+    eps: float | None
+
+
+@dataclass(frozen=True)
 class Norm:
     """What a norm site computes, in the place a site's Activation takes (report, names)."""
 
     name: str  # fewbit_fx.ops.norm's kind: layer_norm, rms_norm, hf_rms_norm, t5_rms_norm
     invertible: bool = True
     call: NormCall | None = None  # functional sites: the call as planned
+    operands: Operands | None = field(default=None, compare=False)  # compiled graph sites
 
     def saves_mask(self, dtype: torch.dtype) -> bool:
         return False
@@ -178,3 +196,115 @@ def _is_parameter(node: fx.Node, module) -> bool:
     """The norm's own weight/bias: an attribute read, or a graph input Dynamo lifted from
     a module's parameters (named from its source, `..._parameters_weight_`)."""
     return node.op == "get_attr" or (node.op == "placeholder" and "_parameters_" in node.name)
+
+
+def find_compiled_norm_sites(graphs: list[fx.GraphModule]) -> list:
+    """Norm sites in the compiler's graphs, in graph order: aten-op RMSNorm module calls
+    (_probed_group) and F.layer_norm / F.rms_norm nodes. A node inside torch's LayerNorm /
+    RMSNorm module is that module's site (named by its path); others are functional sites
+    of their owner, numbered like the eager ones."""
+    from fewbit_fx.passes.detect import Site, _module_groups, call_site
+
+    sites = []
+    occurrences: dict[str, int] = {}
+    for gi, gm in enumerate(graphs):
+        covered: set[fx.Node] = set()
+        for nodes, (path, _) in _module_groups(gm.graph, accept=lambda cls: True):
+            if _calls_a_functional_norm(nodes):
+                continue
+            found = _probed_group(nodes)
+            if found is not None:
+                kind, x, weight, eps = found
+                n = example_value(x).shape[-1]
+                operands = Operands(weight, None, (n,), eps)
+                owner = path.rsplit(".", 1)[0] if "." in path else ""
+                sites.append(Site(Norm(kind, operands=operands), nodes, x, gi, owner, path))
+                covered.update(nodes)
+        for node in gm.graph.nodes:
+            if node in covered or node.op != "call_function":
+                continue
+            found = norm_of_call(node.target, node.args, node.kwargs)
+            if found is None or not _is_float_tensor(found[1]):
+                continue
+            norm, x, weight, bias, eps = found
+            if any(t is not None and not isinstance(t, fx.Node) for t in (weight, bias)):
+                continue
+            norm = Norm(norm.name, operands=Operands(weight, bias, norm.call.normalized_shape, eps))
+            scope = innermost_module(node)
+            if scope is not None and issubclass(scope[1], (nn.LayerNorm, nn.RMSNorm)):
+                path = scope[0]
+                owner = path.rsplit(".", 1)[0] if "." in path else ""
+                sites.append(Site(norm, [node], x, gi, owner, path))
+                continue
+            owner = scope[0] if scope else ""
+            k = occurrences.get(owner, 0)
+            occurrences[owner] = k + 1
+            sites.append(Site(norm, [node], x, gi, owner, None, k, call_site=call_site(node)))
+    return sites
+
+
+def _probed_group(nodes: list[fx.Node]) -> tuple[str, fx.Node, fx.Node, float] | None:
+    """(kind, x, weight, eps) if one module call's nodes compute an aten-op RMSNorm
+    (fewbit_fx.ops.norm's hf/t5/uncast formulas) of its one input x with its 1-D weight,
+    else None. Candidates have that shape, an rsqrt and a float constant (the eps); each
+    is confirmed by running the nodes on two probe inputs in x's traced dtype with a
+    random weight, against each formula and candidate eps, bit for bit."""
+    from fewbit_fx.nn import _PROBED_KINDS
+    from fewbit_fx.ops.norm import plain_norm
+
+    inside = set(nodes)
+    tensors = {a for n in nodes for a in n.all_input_nodes if a not in inside}
+    weights = [a for a in tensors if _is_parameter(a, None)]
+    xs = [a for a in tensors if a not in weights]
+    if len(weights) != 1 or len(xs) != 1 or not _is_float_tensor(xs[0]) or not _is_float_tensor(weights[0]):
+        return None
+    (x,), (weight,) = xs, weights
+    xv, wv = example_value(x), example_value(weight)
+    if wv.dim() != 1 or xv.dim() < 1 or xv.shape[-1] != wv.shape[0] or not isinstance(wv.shape[0], int):
+        return None
+    if not any(_is_rsqrt(n) for n in nodes) or [n for n in nodes if _used_outside(n, inside)] != [nodes[-1]]:
+        return None
+    eps_candidates = sorted({a for n in nodes for a in (*n.args, *n.kwargs.values())
+                             if isinstance(a, float)})
+    if not eps_candidates:
+        return None
+    probe = _probe_module(nodes, x, weight)
+    if probe is None:
+        return None
+    n = wv.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    shape = (2,) * (xv.dim() - 1) + (n,)
+    probes = [((torch.randn(shape, generator=gen) * scale).to(xv.dtype),
+               (torch.rand(n, generator=gen) * 2 - 0.5).to(wv.dtype)) for scale in (3.0, 0.01)]
+    try:
+        with torch.no_grad():
+            got = [probe(px, pw) for px, pw in probes]
+            for kind in _PROBED_KINDS:
+                for eps in eps_candidates:
+                    want = [plain_norm(px, kind, [n], pw, None, eps) for px, pw in probes]
+                    if all(isinstance(g, torch.Tensor) and g.dtype == v.dtype and g.shape == v.shape
+                           and torch.equal(g, v) for g, v in zip(got, want)):
+                        return kind, x, weight, eps
+    except Exception:  # noqa: BLE001 - nodes that do not run on probe inputs: not this formula
+        return None
+    return None
+
+
+def _probe_module(nodes: list[fx.Node], x: fx.Node, weight: fx.Node) -> fx.GraphModule | None:
+    """The nodes as a graph of their own taking (x, weight), returning the last node."""
+    graph = fx.Graph()
+    env = {x: graph.placeholder("x"), weight: graph.placeholder("weight")}
+    for node in nodes:
+        if node.op not in ("call_function", "call_method") or any(a not in env for a in node.all_input_nodes):
+            return None
+        env[node] = graph.node_copy(node, lambda a: env[a])
+    graph.output(env[nodes[-1]])
+    return fx.GraphModule(nn.Module(), graph)
+
+
+def _is_rsqrt(node: fx.Node) -> bool:
+    return node.target in (torch.rsqrt, "rsqrt", torch.Tensor.rsqrt)
+
+
+def _used_outside(node: fx.Node, inside: set[fx.Node]) -> bool:
+    return any(u not in inside for u in node.users)

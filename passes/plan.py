@@ -26,7 +26,8 @@ RECOMPUTED = ("inside an activation-checkpointed region: torch.compile recompute
 
 def plan_graphs(graphs: list[fx.GraphModule], mode: str, bits: int,
                 overrides: dict[str, str] | None, compiled: bool = False,
-                links: dict | None = None, model: nn.Module | None = None) -> list[Planned]:
+                links: dict | None = None, model: nn.Module | None = None,
+                norms_in_graph: bool = False) -> list[Planned]:
     """`compiled`: plan for torch.compile's partitioner instead of eager autograd.
 
     Sites inside activation-checkpointed regions are planned on the region's own graph.
@@ -36,6 +37,7 @@ def plan_graphs(graphs: list[fx.GraphModule], mode: str, bits: int,
     values a graph returns go in later graphs, so that a consumer across a graph break is
     seen; without it a returned value counts as kept and possibly modified elsewhere.
     `model` (eager captures): its norm modules are sites too (passes/norms).
+    `norms_in_graph` (the compiler's graphs): the norms found in the graphs themselves are.
     """
     graphs, bodies = capture.with_checkpointed_regions(graphs)
     graph_saves = [saves.analyse_graph(gm.graph) for gm in graphs]
@@ -44,6 +46,8 @@ def plan_graphs(graphs: list[fx.GraphModule], mode: str, bits: int,
     sites = detect.find_sites(graphs, bodies)
     if model is not None and not compiled:
         sites += norms.find_norm_sites(graphs, model)
+    if norms_in_graph and compiled:
+        sites += norms.find_compiled_norm_sites(graphs)
     for site in sites:
         if isinstance(site.activation, norms.Norm) and site.graph_index in bodies:
             site.checkpointed = True

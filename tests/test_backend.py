@@ -349,3 +349,89 @@ def test_the_plain_backend_follows_the_users_global_budget():
     configured = step(compiled(model, fewbit_fx.backend(memory_budget=0.5)), x).bytes
     default = step(compiled(model, "fewbit"), x).bytes
     assert plain == configured < default
+
+
+# --- norms=True: LayerNorm / RMSNorm calls found in the compiler's graph ---------------------
+
+class NormBlock(nn.Module):
+    def __init__(self, norm, d=64):
+        super().__init__()
+        self.up, self.norm, self.down = nn.Linear(16, d), norm, nn.Linear(d, 8)
+
+    def forward(self, x):
+        return self.down(self.norm(self.up(x)))
+
+
+def _hf_rms_norm(d):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    return LlamaRMSNorm(d)
+
+
+def _norm(kind, zero_channels=0):
+    torch.manual_seed(0)
+    norm = {"layer_norm": lambda: nn.LayerNorm(64), "rms_norm": lambda: nn.RMSNorm(64),
+            "hf_rms_norm": lambda: _hf_rms_norm(64)}[kind]()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.weight[:zero_channels] = 0
+        if kind == "layer_norm":
+            norm.bias.uniform_(-0.2, 0.2)
+    return norm
+
+
+@pytest.mark.parametrize("fullgraph", [True, False], ids=["fullgraph", "graph-breaks-allowed"])
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm", "hf_rms_norm"])
+def test_norms_keep_the_output_not_the_input_under_the_backend(kind, fullgraph):
+    """A norm whose output the next Linear keeps drops its input from the saved tensors:
+    by x's bytes less than compile's default, forward equal to it bit for bit, gradients
+    as the default's. Without fullgraph, Dynamo refuses data-dependent sizes; the backend
+    allows them for its own graph only (the rewrite needs them for the side tensor)."""
+    model, x = NormBlock(_norm(kind)), torch.randn(4, 32, 16)
+    torch._dynamo.reset()
+    default_model = torch.compile(model, backend="inductor", fullgraph=fullgraph)
+    y_default = default_model(x)
+    default = step(default_model, x)
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    be = fewbit_fx.backend(norms=True, strict=True)
+    ours_model = compiled(model, be) if not fullgraph else torch.compile(model, backend=be, fullgraph=True)
+    assert torch.equal(ours_model(x), y_default)
+    ours = step(ours_model, x)
+    (p,) = [p for plan in be.plans for p in plan]
+    assert (str(p.site.activation), p.decision.variant, p.site.name) == (kind, "inverted", "norm")
+    rows = 4 * 32
+    stats = rows * 4 * (2 if kind == "layer_norm" else 1)
+    saved = default.bytes - ours.bytes
+    assert rows * 64 * 4 - stats <= saved <= rows * 64 * 4, (default.storages, ours.storages)
+    for p, g in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_without_norms_the_backend_leaves_norms_alone():
+    model, x = NormBlock(_norm("layer_norm")), torch.randn(4, 32, 16)
+    be = fewbit_fx.backend(strict=True)
+    compiled(model, be)(x)
+    assert [p for plan in be.plans for p in plan] == []
+    torch._dynamo.reset()
+
+
+def test_zero_gamma_channels_keep_their_inputs_under_the_backend():
+    """Channels whose weight is 0 cannot be recovered from y: the compiled op keeps those
+    columns of x (a data-dependent number of them) and the gradients stay exact."""
+    model, x = NormBlock(_norm("layer_norm", zero_channels=5)), torch.randn(4, 32, 16)
+    reference = [g.clone() for g in torch.autograd.grad(model(x).square().mean(), list(model.parameters()))]
+    be = fewbit_fx.backend(norms=True, strict=True)
+    got = torch.autograd.grad(compiled(model, be)(x).square().mean(), list(model.parameters()))
+    assert [p.decision.variant for plan in be.plans for p in plan] == ["inverted"]
+    for g, r in zip(got, reference):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_bad_norms_argument():
+    for bad in ("yes", 1, None):
+        with pytest.raises(TypeError, match="norms"):
+            fewbit_fx.backend(norms=bad)

@@ -298,3 +298,52 @@ def test_norms_are_opt_in_and_checked():
     assert isinstance(fewbit_fx.optimize(copy.deepcopy(model), example_inputs=(x,)).norm, nn.LayerNorm)
     with pytest.raises(TypeError, match="norms must be True or False"):
         fewbit_fx.optimize(model, example_inputs=(x,), norms="yes")
+
+
+# --- the compiler's graph (the "fewbit" backend with norms=True) ----------------------------
+
+def _dynamo_graphs(model, x):
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=record, fullgraph=True)(x)
+    torch._dynamo.reset()
+    return graphs
+
+
+class FunctionalLN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.w, self.b, self.down = nn.Linear(16, 64), nn.Parameter(torch.rand(64)), \
+            nn.Parameter(torch.zeros(64)), nn.Linear(64, 8)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.layer_norm(self.up(x), (64,), self.w, self.b, 1e-5))
+
+
+@pytest.mark.parametrize("make, dtype, kind, name", [
+    (lambda: Block(nn.LayerNorm(64)), torch.float32, "layer_norm", "norm"),
+    (lambda: Block(nn.RMSNorm(64)), torch.float32, "rms_norm", "norm"),
+    (lambda: Block(HFStyleRMSNorm(64)), torch.float32, "hf_rms_norm", "norm"),
+    (lambda: Block(HFStyleRMSNorm(64)).bfloat16(), torch.bfloat16, "hf_rms_norm", "norm"),
+    (lambda: Block(CastFreeNorm(64)).bfloat16(), torch.bfloat16, "uncast_rms_norm", "norm"),
+    (lambda: FunctionalLN(), torch.float32, "layer_norm", "<root>:layer_norm#0"),
+], ids=["LayerNorm", "RMSNorm", "LlamaRMSNorm", "LlamaRMSNorm-bf16", "cast-free-bf16", "F.layer_norm"])
+def test_compiled_graph_norms_are_found_by_call_or_by_what_they_compute(make, dtype, kind, name):
+    from fewbit_fx.passes.norms import find_compiled_norm_sites
+
+    torch.manual_seed(0)
+    (site,) = find_compiled_norm_sites(_dynamo_graphs(make(), torch.randn(8, 16, dtype=dtype)))
+    assert (site.activation.name, site.name) == (kind, name)
+    assert site.activation.operands.normalized_shape == (64,)
+
+
+@pytest.mark.parametrize("norm", [LookAlikeRMSNorm(64), nn.Identity()], ids=["gemma-1+w", "identity"])
+def test_compiled_graph_look_alikes_are_not_norm_sites(norm):
+    from fewbit_fx.passes.norms import find_compiled_norm_sites
+
+    assert find_compiled_norm_sites(_dynamo_graphs(Block(norm), torch.randn(8, 16))) == []
