@@ -4,7 +4,7 @@ Per model, against what a user would pick instead, in one process:
 - eager baselines: plain eager, optimize(mode="exact"), optimize(mode="auto"),
   optimize(mode="exact", norms=True) (LayerNorm/RMSNorm inverted too),
   torch.utils.checkpoint per block (Hugging Face gradient checkpointing);
-- compile baselines: torch.compile default, backend="fewbit", and torch.compile with
+- compile baselines: torch.compile default, backend="fewbit", backend(norms=True), and torch.compile with
   torch._functorch.config.activation_memory_budget = 0.9.
 Memory is bytes of distinct storages saved for backward in one training step (parameters
 excluded; saved_tensors_hooks) and peak memory (CPU: the process's peak RSS during the step,
@@ -52,6 +52,8 @@ def variants(name: str, model, args, kwargs):
     with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
         out.append(("compile", "compile", torch.compile(copy.deepcopy(model))))
         out.append(("compile", "fewbit-backend", torch.compile(copy.deepcopy(model), backend="fewbit")))
+        out.append(("compile", "fewbit-backend+norms", torch.compile(
+            copy.deepcopy(model), backend=fewbit_fx.backend(norms=True))))
         out.append(("compile", "budget-0.9", torch.compile(copy.deepcopy(model), backend=budget_alone(0.9))))
     return out
 
