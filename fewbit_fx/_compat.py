@@ -198,26 +198,21 @@ def _tracing_shape_env():
 
 def dynamic_output_shapes_possible() -> bool:
     """Whether the compile under way can trace ops with data-dependent output sizes (the
-    inverted norm's side tensor) once dynamic_output_shapes() allows them: Dynamo allows
+    inverted norm's side tensor) once allow_dynamic_output_shapes() allows them: Dynamo allows
     them only under fullgraph=True, yet the backend's graph is past Dynamo, and AOTAutograd
     and Inductor support them (unbacked sizes) either way."""
     env = _tracing_shape_env()
     return env is not None and hasattr(env, "settings") and hasattr(env.settings, "allow_dynamic_output_shape_ops")
 
 
-@contextlib.contextmanager
-def dynamic_output_shapes():
-    """Allow data-dependent output sizes in the compile under way, restoring the setting
-    after (the ShapeEnv belongs to this one frame's compile)."""
+def allow_dynamic_output_shapes() -> None:
+    """Allow data-dependent output sizes in the compile under way. Left on: the backward
+    graph is compiled later, at the first backward, with the same ShapeEnv (under a memory
+    budget the partitioner may recompute the nonzero there). The ShapeEnv belongs to this
+    one frame's compile; Dynamo's tracing of the frame is over, and other frames and
+    recompiles get their own."""
     import dataclasses
 
     env = _tracing_shape_env() if dynamic_output_shapes_possible() else None
-    if env is None or env.settings.allow_dynamic_output_shape_ops:
-        yield
-        return
-    old = env.settings
-    env.settings = dataclasses.replace(old, allow_dynamic_output_shape_ops=True)
-    try:
-        yield
-    finally:
-        env.settings = old
+    if env is not None and not env.settings.allow_dynamic_output_shape_ops:
+        env.settings = dataclasses.replace(env.settings, allow_dynamic_output_shape_ops=True)

@@ -88,13 +88,13 @@ def compiled_report(model: nn.Module, *, example_inputs=None, example_kwargs=Non
                 analysed[g] = saves.analyse_graph(g)
         names = {p.site.name: _site_names(p.site, analysed[p.site.output.graph]) for p in planned}
         before = {n.name for n in gm.graph.nodes}
-        rewrite_graph(gm, planned)
+        if rewrite_graph(gm, planned, norms=True):
+            _compat.allow_dynamic_output_shapes()  # the inverted norms' side tensors
         for p in planned:  # the rewrite's new nodes belong to the site they replaced
             names[p.site.name] |= _new_nodes_after(gm, p, before)
         plans.append(planned)
         site_names.append(names)
-        with _compat.dynamic_output_shapes():
-            return compile_fx(gm, ex, config_patches=_no_cache(fewbit_rec))
+        return compile_fx(gm, ex, config_patches=_no_cache(fewbit_rec))
 
     measured = []
     with _compat.dynamo_leaves_no_trace():

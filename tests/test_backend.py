@@ -435,3 +435,23 @@ def test_bad_norms_argument():
     for bad in ("yes", 1, None):
         with pytest.raises(TypeError, match="norms"):
             fewbit_fx.backend(norms=bad)
+
+
+def test_norms_under_a_budget_compile_their_backward_later_too():
+    """The backward graph is compiled at the first backward, after the backend returned;
+    under a budget the partitioner may recompute the guard's nonzero there, so the
+    permission for data-dependent sizes outlives the forward's compile. (A bench run failed
+    there with DynamicOutputShapeException: aten.nonzero while the permission was scoped to
+    the forward's compile; this test did not reproduce it in isolation, it covers the path.)"""
+    from fewbit_fx.evidence import models
+
+    model, args, kwargs = models.build("gpt2", "tiny")
+    torch._dynamo.reset()
+    be = fewbit_fx.backend(memory_budget=0.5, norms=True, strict=True)
+    m = torch.compile(model, backend=be)
+    loss = m(*args, **kwargs).logits.float().square().mean()
+    loss.backward()
+    assert any(str(p.site.activation) == "layer_norm" and p.decision.variant == "inverted"
+               for plan in be.plans for p in plan)
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    torch._dynamo.reset()
