@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--tables", default="fitted", choices=calibration.TABLES,
                        help="few-bit tables fitted to the example inputs, or the N(0, 1) ones")
         s.add_argument("--norms", action="store_true",
-                       help="also rewrite LayerNorm/RMSNorm modules (InvertedNorm; eager only)")
+                       help="also rewrite LayerNorm/RMSNorm (InvertedNorm; with --compiled, the backend's norms=True)")
         s.add_argument("--verbose", action="store_true", help="on an error, show the underlying one too")
         if name == "report":
             s.add_argument("--override", action="append", default=[], metavar="PATTERN=VARIANT",

@@ -166,13 +166,7 @@ def _functional_sites(gm: fx.GraphModule, gi: int, covered: set[fx.Node],
     from fewbit_fx.passes.detect import Site, call_site
 
     sites = []
-    for node in gm.graph.nodes:
-        if node in covered or node.op != "call_function":
-            continue
-        found = norm_of_call(node.target, node.args, node.kwargs)
-        if found is None or not _is_float_tensor(found[1]):
-            continue
-        scope = innermost_module(node)
+    for node, found, scope in _functional_norm_nodes(gm, covered):
         if scope is not None and issubclass(scope[1], (nn.LayerNorm, nn.RMSNorm)):
             continue
         owner = scope[0] if scope else ""
@@ -180,6 +174,17 @@ def _functional_sites(gm: fx.GraphModule, gi: int, covered: set[fx.Node],
         occurrences[owner] = k + 1
         sites.append(Site(found[0], [node], found[1], gi, owner, None, k, call_site=call_site(node)))
     return sites
+
+
+def _functional_norm_nodes(gm: fx.GraphModule, covered: set[fx.Node]):
+    """(node, norm_of_call's result, innermost module scope) per functional norm call on a
+    float tensor, outside `covered`."""
+    for node in gm.graph.nodes:
+        if node in covered or node.op != "call_function":
+            continue
+        found = norm_of_call(node.target, node.args, node.kwargs)
+        if found is not None and _is_float_tensor(found[1]):
+            yield node, found, innermost_module(node)
 
 
 def _calls_a_functional_norm(nodes: list[fx.Node]) -> bool:
@@ -220,17 +225,11 @@ def find_compiled_norm_sites(graphs: list[fx.GraphModule]) -> list:
                 owner = path.rsplit(".", 1)[0] if "." in path else ""
                 sites.append(Site(Norm(kind, operands=operands), nodes, x, gi, owner, path))
                 covered.update(nodes)
-        for node in gm.graph.nodes:
-            if node in covered or node.op != "call_function":
-                continue
-            found = norm_of_call(node.target, node.args, node.kwargs)
-            if found is None or not _is_float_tensor(found[1]):
-                continue
+        for node, found, scope in _functional_norm_nodes(gm, covered):
             norm, x, weight, bias, eps = found
             if any(t is not None and not isinstance(t, fx.Node) for t in (weight, bias)):
                 continue
             norm = Norm(norm.name, operands=Operands(weight, bias, norm.call.normalized_shape, eps))
-            scope = innermost_module(node)
             if scope is not None and issubclass(scope[1], (nn.LayerNorm, nn.RMSNorm)):
                 path = scope[0]
                 owner = path.rsplit(".", 1)[0] if "." in path else ""
