@@ -80,7 +80,8 @@ def backend(mode: str = "auto", bits: int = 3, overrides: dict[str, str] | None 
             graph_patches = {**patches, **_matched_budget(gm, original, example_inputs, planned, patches,
                                                           memory_budget)}
             graph_patches.update(_gated_products(gm, planned, graph_patches, memory_budget))
-            if rewrite_graph(gm, planned, norms=True):
+            rewrite_graph(gm, planned)
+            if rewrites_norms(planned):
                 _compat.allow_dynamic_output_shapes()  # the inverted norms' side tensors
             with budget():
                 compiled = compile_fx(gm, example_inputs, config_patches=graph_patches)
@@ -194,10 +195,14 @@ def plan_graph(gm: fx.GraphModule, mode: str, bits: int,
     return plan_graphs([gm], mode, bits, overrides, compiled=True, norms_in_graph=norms)
 
 
-def rewrite_graph(gm: fx.GraphModule, planned: list[Planned], norms: bool = False) -> int:
-    """Replace each chosen site's nodes by the custom op; returns how many were rewritten
-    (with `norms`, how many norm sites)."""
-    count = norm_count = 0
+def rewrites_norms(planned: list[Planned]) -> bool:
+    """Whether the plan inverts a norm: its side tensor has a data-dependent size."""
+    return any(isinstance(p.site.activation, Norm) and p.decision.variant != "kept" for p in planned)
+
+
+def rewrite_graph(gm: fx.GraphModule, planned: list[Planned]) -> int:
+    """Replace each chosen site's nodes by the custom op; returns how many were rewritten."""
+    count = 0
     replaced: dict[fx.Node, fx.Node] = {}  # a rewritten site's output -> its new y
     for p in planned:
         if p.decision.variant == "kept" or p.site.inplace:
@@ -227,10 +232,9 @@ def rewrite_graph(gm: fx.GraphModule, planned: list[Planned], norms: bool = Fals
             if not node.users:
                 graph.erase_node(node)
         count += 1
-        norm_count += isinstance(act, Norm)
     gm.graph.lint()
     gm.recompile()
-    return norm_count if norms else count
+    return count
 
 
 def _table_nodes(graph: fx.Graph, site, bits: int) -> tuple[fx.Node, fx.Node]:

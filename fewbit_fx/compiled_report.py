@@ -16,7 +16,7 @@ from torch._inductor.custom_graph_pass import CustomPartitionerFn
 from fewbit_fx import _compat, partition
 from fewbit_fx.example_inputs import normalise
 from fewbit_fx.measure import measure_step, scalar_loss
-from fewbit_fx.compile_backend import plan_graph, rewrite_graph
+from fewbit_fx.compile_backend import plan_graph, rewrite_graph, rewrites_norms
 from fewbit_fx.ops import inductor
 from fewbit_fx.passes import saves
 from fewbit_fx.passes.capture import innermost_module
@@ -88,7 +88,8 @@ def compiled_report(model: nn.Module, *, example_inputs=None, example_kwargs=Non
                 analysed[g] = saves.analyse_graph(g)
         names = {p.site.name: _site_names(p.site, analysed[p.site.output.graph]) for p in planned}
         before = {n.name for n in gm.graph.nodes}
-        if rewrite_graph(gm, planned, norms=True):
+        rewrite_graph(gm, planned)
+        if rewrites_norms(planned):
             _compat.allow_dynamic_output_shapes()  # the inverted norms' side tensors
         for p in planned:  # the rewrite's new nodes belong to the site they replaced
             names[p.site.name] |= _new_nodes_after(gm, p, before)
