@@ -165,7 +165,7 @@ def _gated_products(gm, planned: list[Planned], patches: dict, memory_budget: fl
             continue
         if gs is None:
             gs = saves.analyse_graph(gm.graph)
-        keepers = saves._recomputed_by(p.site, gs)  # noqa: SLF001 - the analysis the decision used
+        keepers = saves.recomputed_by(p.site, gs)  # the analysis the decision used
         if keepers:
             products |= {k.name for k in keepers}
             sites.append(p)

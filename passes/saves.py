@@ -481,13 +481,13 @@ class SiteSaves:
 def analyse_site(site: Site, gs: GraphSaves, compiled: bool = False,
                  later: LaterGraphs = NO_LATER_GRAPHS) -> SiteSaves:
     """`compiled`: the graph goes through torch.compile's partitioner, which recomputes
-    pointwise work in backward rather than saving it (see _recomputed_by). `later`: where
+    pointwise work in backward rather than saving it (see recomputed_by). `later`: where
     values this graph returns go next (eager capture across graph breaks); a returned value
     that goes nowhere seen (the caller) counts as kept, and as possibly modified in place."""
     inside = set(site.nodes)
     y = example_value(site.output)
     y_root, x_root = gs.family[site.output], gs.value(site.input, site.nodes[0])
-    recomputed = _recomputed_by(site, gs) if compiled else []
+    recomputed = recomputed_by(site, gs) if compiled else []
     norm = _normalized_by(x_root) if compiled else None
     own = {gs.value(k, n) for n in site.nodes for k in saved_inputs(n)[0]} - _parameters(gs)
     downstream = {root: later.follow(root, gs) for root in own | {y_root} if root in gs.escapes}
@@ -532,7 +532,7 @@ def _parameters(gs: GraphSaves) -> set[fx.Node]:
     return {n for n in gs.family if n.op == "get_attr" or (n.op == "placeholder" and "_parameters_" in n.name)}
 
 
-def _recomputed_by(site: Site, gs: GraphSaves) -> list[fx.Node]:
+def recomputed_by(site: Site, gs: GraphSaves) -> list[fx.Node]:
     """Under torch.compile, the consumers that keep y but will get it recomputed from x.
 
     The default min-cut partitioner recomputes pointwise values in backward unless backward
