@@ -76,13 +76,11 @@ def backend(mode: str = "auto", bits: int = 3, overrides: dict[str, str] | None 
                 return compile_fx(gm, example_inputs, config_patches=patches)
 
         try:
-            planned = plan_graph(gm, mode, bits, overrides, norms and _compat.dynamic_output_shapes_possible())
+            planned = plan_graph(gm, mode, bits, overrides, norms)
             graph_patches = {**patches, **_matched_budget(gm, original, example_inputs, planned, patches,
                                                           memory_budget)}
             graph_patches.update(_gated_products(gm, planned, graph_patches, memory_budget))
             rewrite_graph(gm, planned)
-            if rewrites_norms(planned):
-                _compat.allow_dynamic_output_shapes()  # the inverted norms' side tensors
             with budget():
                 compiled = compile_fx(gm, example_inputs, config_patches=graph_patches)
         except partition.OverBudget as e:  # the budget alone keeps less: compile the original
@@ -192,16 +190,15 @@ def fewbit_backend(gm: fx.GraphModule, example_inputs):
 
 def plan_graph(gm: fx.GraphModule, mode: str, bits: int,
                overrides: dict[str, str] | None, norms: bool = False) -> list[Planned]:
+    """`norms`: norm sites too, where this compile can trace their data-dependent sizes."""
+    norms = norms and _compat.dynamic_output_shapes_possible()
     return plan_graphs([gm], mode, bits, overrides, compiled=True, norms_in_graph=norms)
 
 
-def rewrites_norms(planned: list[Planned]) -> bool:
-    """Whether the plan inverts a norm: its side tensor has a data-dependent size."""
-    return any(isinstance(p.site.activation, Norm) and p.decision.variant != "kept" for p in planned)
-
-
 def rewrite_graph(gm: fx.GraphModule, planned: list[Planned]) -> int:
-    """Replace each chosen site's nodes by the custom op; returns how many were rewritten."""
+    """Replace each chosen site's nodes by the custom op; returns how many were rewritten.
+    An inverted norm's side tensor has a data-dependent size: inserting one allows such
+    sizes in the compile under way (_compat.allow_dynamic_output_shapes)."""
     count = 0
     replaced: dict[fx.Node, fx.Node] = {}  # a rewritten site's output -> its new y
     for p in planned:
@@ -212,6 +209,7 @@ def rewrite_graph(gm: fx.GraphModule, planned: list[Planned]) -> int:
         graph = gm.graph
         with graph.inserting_before(site.output.next):  # keeps insertion order
             if isinstance(act, Norm):
+                _compat.allow_dynamic_output_shapes()
                 o = act.operands
                 call = graph.call_function(
                     torch.ops.fewbit_fx.inverted_norm_forward.default,

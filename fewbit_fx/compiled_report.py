@@ -16,7 +16,7 @@ from torch._inductor.custom_graph_pass import CustomPartitionerFn
 from fewbit_fx import _compat, partition
 from fewbit_fx.example_inputs import normalise
 from fewbit_fx.measure import measure_step, scalar_loss
-from fewbit_fx.compile_backend import plan_graph, rewrite_graph, rewrites_norms
+from fewbit_fx.compile_backend import plan_graph, rewrite_graph
 from fewbit_fx.ops import inductor
 from fewbit_fx.passes import saves
 from fewbit_fx.passes.capture import innermost_module
@@ -78,7 +78,7 @@ def compiled_report(model: nn.Module, *, example_inputs=None, example_kwargs=Non
         # them mid-trace, too late for this graph (Inductor then fails: "both a fallback
         # and a decomp")
         inductor.register()
-        planned = plan_graph(gm, mode, bits, overrides, norms and _compat.dynamic_output_shapes_possible())
+        planned = plan_graph(gm, mode, bits, overrides, norms)
         unrecognised.extend(n for n in unrecognised_activations([gm], [p.site for p in planned])
                             if n not in unrecognised)
         analysed = {}  # per graph: a site may sit in a checkpointed region's own graph
@@ -89,8 +89,6 @@ def compiled_report(model: nn.Module, *, example_inputs=None, example_kwargs=Non
         names = {p.site.name: _site_names(p.site, analysed[p.site.output.graph]) for p in planned}
         before = {n.name for n in gm.graph.nodes}
         rewrite_graph(gm, planned)
-        if rewrites_norms(planned):
-            _compat.allow_dynamic_output_shapes()  # the inverted norms' side tensors
         for p in planned:  # the rewrite's new nodes belong to the site they replaced
             names[p.site.name] |= _new_nodes_after(gm, p, before)
         plans.append(planned)

@@ -215,6 +215,19 @@ def _rms_candidate(module) -> bool:
             and _eps(module) is not None)
 
 
+def probed_kind(got: list, probes: list[tuple[Tensor, Tensor]], eps_values) -> tuple[str, float] | None:
+    """(kind, eps) of the first aten-op RMSNorm formula and epsilon that give `got` on the
+    (x, weight) `probes` bit for bit (same dtype and shape too), else None. Serves module
+    probing here and graph probing (passes/norms)."""
+    for kind in _PROBED_KINDS:
+        for eps in eps_values:
+            want = [plain_norm(x, kind, [w.shape[0]], w, None, eps) for x, w in probes]
+            if all(isinstance(g, torch.Tensor) and g.dtype == v.dtype and g.shape == v.shape
+                   and torch.equal(g, v) for g, v in zip(got, want)):
+                return kind, eps
+    return None
+
+
 def _probed_rms_kind(module: nn.Module) -> str | None:
     """The kind whose formula the module's forward reproduces bit for bit on probe inputs,
     or None. Probed with x in fp32 and in bf16 and a random weight of the module's weight
@@ -236,16 +249,12 @@ def _probed_rms_kind(module: nn.Module) -> str | None:
             w.data = w.data.to(own.device)
             xs = [x.to(own.device) for x in xs]
             got = [module.forward(x) for x in xs]
-            for kind in _PROBED_KINDS:
-                want = [plain_norm(x, kind, [n], w, None, eps) for x in xs]
-                if all(isinstance(g, torch.Tensor) and g.dtype == v.dtype and g.shape == v.shape
-                       and torch.equal(g, v) for g, v in zip(got, want)):
-                    return kind
+            found = probed_kind(got, [(x, w) for x in xs], [eps])
+            return None if found is None else found[0]
     except Exception:  # noqa: BLE001 - any other signature, device or behaviour: not this formula
         return None
     finally:
         module._parameters["weight"] = own
-    return None
 
 
 class InvertedNorm(Inverted):

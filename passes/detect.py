@@ -215,8 +215,7 @@ def _formula_site(m: formulas.Match, gi: int, occurrences: dict[str, int]) -> Si
     inside its owner's forward."""
     path = _whole_module_call(m.nodes)
     if path:
-        owner = path.rsplit(".", 1)[0] if "." in path else ""
-        return Site(m.activation, m.nodes, m.input, gi, owner, path, formula=True)
+        return Site(m.activation, m.nodes, m.input, gi, parent_path(path), path, formula=True)
     scope = innermost_module(m.nodes[-1])
     owner = scope[0] if scope else ""
     k = occurrences.get(owner, 0)
@@ -277,6 +276,11 @@ def _module_groups(graph: fx.Graph, accept=lambda cls: _activation_module_class(
         yield group, current
 
 
+def parent_path(path: str) -> str:
+    """The module that owns the module at `path` ("" for a child of the root)."""
+    return path.rsplit(".", 1)[0] if "." in path else ""
+
+
 def _module_site(group: list[fx.Node], scope: tuple[str, type], gi: int) -> Site | None:
     path, cls = scope
     inside = set(group)
@@ -294,8 +298,7 @@ def _module_site(group: list[fx.Node], scope: tuple[str, type], gi: int) -> Site
         if name is None or name not in activations.SUPPORTED:
             return None
         act, inplace = activations.get(name), False
-    owner = path.rsplit(".", 1)[0] if "." in path else ""
-    return Site(act, group, x, gi, owner, path, inplace=inplace)
+    return Site(act, group, x, gi, parent_path(path), path, inplace=inplace)
 
 
 def _activation_module_class(cls: type, n_nodes: int) -> str | None:

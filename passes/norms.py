@@ -208,7 +208,7 @@ def find_compiled_norm_sites(graphs: list[fx.GraphModule]) -> list:
     (_probed_group) and F.layer_norm / F.rms_norm nodes. A node inside torch's LayerNorm /
     RMSNorm module is that module's site (named by its path); others are functional sites
     of their owner, numbered like the eager ones."""
-    from fewbit_fx.passes.detect import Site, _module_groups, call_site
+    from fewbit_fx.passes.detect import Site, _module_groups, call_site, parent_path
 
     sites = []
     occurrences: dict[str, int] = {}
@@ -222,8 +222,7 @@ def find_compiled_norm_sites(graphs: list[fx.GraphModule]) -> list:
                 kind, x, weight, eps = found
                 n = example_value(x).shape[-1]
                 operands = Operands(weight, None, (n,), eps)
-                owner = path.rsplit(".", 1)[0] if "." in path else ""
-                sites.append(Site(Norm(kind, operands=operands), nodes, x, gi, owner, path))
+                sites.append(Site(Norm(kind, operands=operands), nodes, x, gi, parent_path(path), path))
                 covered.update(nodes)
         for node, found, scope in _functional_norm_nodes(gm, covered):
             norm, x, weight, bias, eps = found
@@ -231,9 +230,7 @@ def find_compiled_norm_sites(graphs: list[fx.GraphModule]) -> list:
                 continue
             norm = Norm(norm.name, operands=Operands(weight, bias, norm.call.normalized_shape, eps))
             if scope is not None and issubclass(scope[1], (nn.LayerNorm, nn.RMSNorm)):
-                path = scope[0]
-                owner = path.rsplit(".", 1)[0] if "." in path else ""
-                sites.append(Site(norm, [node], x, gi, owner, path))
+                sites.append(Site(norm, [node], x, gi, parent_path(scope[0]), scope[0]))
                 continue
             owner = scope[0] if scope else ""
             k = occurrences.get(owner, 0)
@@ -248,8 +245,7 @@ def _probed_group(nodes: list[fx.Node]) -> tuple[str, fx.Node, fx.Node, float] |
     else None. Candidates have that shape, an rsqrt and a float constant (the eps); each
     is confirmed by running the nodes on two probe inputs in x's traced dtype with a
     random weight, against each formula and candidate eps, bit for bit."""
-    from fewbit_fx.nn import _PROBED_KINDS
-    from fewbit_fx.ops.norm import plain_norm
+    from fewbit_fx.nn import probed_kind
 
     inside = set(nodes)
     tensors = {a for n in nodes for a in n.all_input_nodes if a not in inside}
@@ -278,15 +274,10 @@ def _probed_group(nodes: list[fx.Node]) -> tuple[str, fx.Node, fx.Node, float] |
     try:
         with torch.no_grad():
             got = [probe(px, pw) for px, pw in probes]
-            for kind in _PROBED_KINDS:
-                for eps in eps_candidates:
-                    want = [plain_norm(px, kind, [n], pw, None, eps) for px, pw in probes]
-                    if all(isinstance(g, torch.Tensor) and g.dtype == v.dtype and g.shape == v.shape
-                           and torch.equal(g, v) for g, v in zip(got, want)):
-                        return kind, x, weight, eps
+            found = probed_kind(got, probes, eps_candidates)
     except Exception:  # noqa: BLE001 - nodes that do not run on probe inputs: not this formula
         return None
-    return None
+    return None if found is None else (found[0], x, weight, found[1])
 
 
 def _probe_module(nodes: list[fx.Node], x: fx.Node, weight: fx.Node) -> fx.GraphModule | None:

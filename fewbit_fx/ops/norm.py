@@ -67,7 +67,8 @@ def inverted_norm_forward(
     return _forward(x, kind, normalized_shape, weight, bias, eps, allow_whole)
 
 
-def _forward(x, kind, normalized_shape, weight, bias, eps, allow_whole):
+def _forward(x, kind, normalized_shape, weight, bias, eps, allow_whole, gather=None):
+    """`gather(x2, idx)` takes x's unsafe columns (default: index_select)."""
     _check(x, kind, normalized_shape, weight, bias)
     n = math.prod(normalized_shape)
     y, mean, rstd = _output_and_statistics(x, kind, normalized_shape, weight, bias, eps)
@@ -75,7 +76,8 @@ def _forward(x, kind, normalized_shape, weight, bias, eps, allow_whole):
     rows = x.numel() // n if n else 0
     if allow_whole and 2 * idx.numel() > n:
         return y, mean, rstd, x.new_empty((rows, 0)), idx
-    return y, mean, rstd, x.reshape(rows, n).index_select(1, idx), idx
+    x2 = x.reshape(rows, n)
+    return y, mean, rstd, (gather(x2, idx) if gather else x2.index_select(1, idx)), idx
 
 
 def _forward_compiled(x, kind, normalized_shape, weight, bias, eps, allow_whole):
@@ -83,12 +85,8 @@ def _forward_compiled(x, kind, normalized_shape, weight, bias, eps, allow_whole)
     unsafe columns are gathered by an op the partitioner cannot recompute (gather_columns),
     so that it saves those columns and not all of x to gather them again in backward
     (it sizes the data-dependent side by a large fallback guess and would pick x)."""
-    _check(x, kind, normalized_shape, weight, bias)
-    n = math.prod(normalized_shape)
-    y, mean, rstd = _output_and_statistics(x, kind, normalized_shape, weight, bias, eps)
-    idx = unsafe_channels(y, len(normalized_shape), weight, bias).nonzero().view(-1)
-    rows = x.numel() // n if n else 0
-    return y, mean, rstd, torch.ops.fewbit_fx.gather_columns(x.reshape(rows, n), idx), idx
+    return _forward(x, kind, normalized_shape, weight, bias, eps, False,
+                    gather=torch.ops.fewbit_fx.gather_columns)
 
 
 @torch.library.custom_op("fewbit_fx::gather_columns", mutates_args=())
@@ -293,10 +291,14 @@ def _backward_2d(g, y, mean, rstd, side, idx, weight, bias, kind, whole):
     exact_w = exact.to(rounding).to(dt) if rounding is not None else exact
     gdt = g.to(dt)
     gh = gdt * gamma if gamma is not None else gdt
-    centre = gh.mean(1, keepdim=True) if kind == "layer_norm" else None
+    if kind == "layer_norm":  # LayerNorm's backward also takes out the mean of gh per row
+        mean_gh = gh.mean(1, keepdim=True)
+        centred = lambda t: t - mean_gh  # noqa: E731
+    else:
+        centred = lambda t: t  # noqa: E731
     if whole:
         proj = (gh * exact).mean(1, keepdim=True)
-        gx = r * ((gh - centre if centre is not None else gh) - exact * proj)
+        gx = r * (centred(gh) - exact * proj)
         gw = (gdt * exact_w).sum(0) if weight is not None else None
     else:
         xhat = y.to(dt)  # the safe columns, recovered from y; the unsafe ones zeroed
@@ -308,8 +310,8 @@ def _backward_2d(g, y, mean, rstd, side, idx, weight, bias, kind, whole):
         xhat = torch.where(unsafe, 0.0, xhat)
         gh_u, g_u = gh.index_select(1, idx), gdt.index_select(1, idx)
         proj = ((gh * xhat).sum(1, keepdim=True) + (gh_u * exact).sum(1, keepdim=True)) / n
-        gx = r * ((gh - centre if centre is not None else gh) - xhat * proj)
-        gx_u = r * ((gh_u - centre if centre is not None else gh_u) - exact * proj)
+        gx = r * (centred(gh) - xhat * proj)
+        gx_u = r * (centred(gh_u) - exact * proj)
         gx = gx.index_copy(1, idx, gx_u)
         gw = ((gdt * xhat).sum(0).index_copy(0, idx, (g_u * exact_w).sum(0))
               if weight is not None else None)
