@@ -8,6 +8,7 @@ capture and the compiler backend.
 """
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass, field
 
@@ -16,7 +17,7 @@ from torch import fx, nn
 
 from fewbit_fx import activations
 from fewbit_fx.activations import Activation
-from fewbit_fx.passes import formulas
+from fewbit_fx.passes import formulas, functions
 from fewbit_fx.passes.capture import (
     example_value, innermost_module, module_scopes, with_checkpointed_regions,
 )
@@ -94,6 +95,7 @@ class Site:
     call_site: CallSite | None = None  # functional sites: where the call is in the source
     notes: list[str] = field(default_factory=list)
     formula: bool = False         # found by graph pattern (passes/formulas), not by call or class
+    function: bool = False        # a custom autograd.Function's call (passes/functions)
 
     @property
     def inline_formula(self) -> bool:
@@ -107,6 +109,8 @@ class Site:
         name = str(self.activation)
         if self.formula:
             name = f"{name.replace('_formula', '')} formula"
+        if self.function:
+            name = f"{name} (autograd.Function)"
         return f"{name} (in-place)" if self.inplace else name
 
     @property
@@ -192,6 +196,11 @@ def find_sites(graphs: list[fx.GraphModule], checkpointed: set[int] = frozenset(
                 site = _formula_site(found_formulas[node], gi, occurrences)
                 sites.append(site)
                 continue
+            if functions.is_apply(node):
+                site = _function_site(node, gi)
+                if site is not None:
+                    sites.append(site)
+                continue
             if node in in_formula:
                 continue
             found = activation_of_node(node)
@@ -221,6 +230,22 @@ def _formula_site(m: formulas.Match, gi: int, occurrences: dict[str, int]) -> Si
     k = occurrences.get(owner, 0)
     occurrences[owner] = k + 1
     return Site(m.activation, m.nodes, m.input, gi, owner, None, k, formula=True)
+
+
+def _function_site(node: fx.Node, gi: int) -> Site | None:
+    """A module whose forward is one call of a custom autograd.Function computing a
+    registry activation bit for bit: swapped like an activation module. The same call
+    inside a bigger forward has no module to swap, so it is not a site."""
+    users = list(node.users)
+    if len(users) != 1 or users[0].target is not operator.getitem or users[0].args[1] != 0:
+        return None
+    nodes = [node, users[0]]
+    bodies = [a for a in node.args[:2] if isinstance(a, fx.Node) and a.op == "get_attr"]
+    path = _whole_module_call(bodies + nodes)
+    probed = functions.probe(node) if path else None
+    if probed is None or probed.activation is None:
+        return None
+    return Site(probed.activation, nodes, node.args[2], gi, parent_path(path), path, function=True)
 
 
 def _whole_module_call(nodes: list[fx.Node]) -> str | None:
@@ -335,7 +360,7 @@ def unrecognised_activations(graphs: list[fx.GraphModule], sites: list[Site]) ->
     `graphs` as captured: the checkpointed regions' bodies are searched too."""
     graphs, _ = with_checkpointed_regions(graphs)
     covered = {path for site in sites for n in site.nodes for path, _ in module_scopes(n)}
-    found: dict[type, dict[str, bool]] = {}  # class -> {path: runs an autograd.Function}
+    found: dict[type, dict[str, bool | str]] = {}  # class -> {path: runs an autograd.Function}
     parents: set[str] = set()  # paths of modules that call other modules
     for gm in graphs:
         for node in gm.graph.nodes:
@@ -344,8 +369,10 @@ def unrecognised_activations(graphs: list[fx.GraphModule], sites: list[Site]) ->
             scopes = module_scopes(node)
             parents.update(path for path, _ in scopes[:-1])
             for path, cls in scopes:
-                if path not in covered and _looks_like_an_activation(cls):
-                    custom = "autograd_function_apply" in str(node.target)
+                nearly = path == scopes[-1][0] and functions.is_apply(node) and _near_miss(node)
+                if path not in covered and (_looks_like_an_activation(cls) or nearly):
+                    # False, True (a custom autograd.Function) or the activation it nearly is
+                    custom = (nearly or True) if functions.is_apply(node) else False
                     paths = found.setdefault(cls, {})
                     paths[path] = paths.get(path, False) or custom
     lines = []
@@ -359,12 +386,19 @@ def unrecognised_activations(graphs: list[fx.GraphModule], sites: list[Site]) ->
         if cls in _UNSUPPORTED_TORCH:
             lines.append(f"not rewritten: {cls.__name__} at {shown}: {_UNSUPPORTED_TORCH[cls]}")
             continue
-        if any(paths.values()):
-            why = "it runs a custom torch.autograd.Function, whose backward fewbit-fx cannot replace"
+        near = next((c for c in paths.values() if isinstance(c, str)), None)
+        hint = (". If it computes a supported activation, use that torch.nn module instead "
+                "(README: Supported activations)")
+        if near is not None:
+            why = (f"its custom torch.autograd.Function computes {near}, so swapping it for "
+                   "fewbit-fx's would change what it computes")
+            hint = "" if "backward" in near else hint
+        elif any(paths.values()):
+            why = ("it runs a custom torch.autograd.Function that computes none of the supported "
+                   "activations bit for bit (or takes more than one tensor), so its backward stays")
         else:
             why = "its forward is not one of the supported activations"
-        lines.append(f"not rewritten: {cls.__name__} at {shown}: {why}. If it computes a supported "
-                     "activation, use that torch.nn module instead (README: Supported activations)")
+        lines.append(f"not rewritten: {cls.__name__} at {shown}: {why}{hint}")
     return lines
 
 
@@ -390,6 +424,16 @@ def unseen_activation_modules(model: nn.Module, graphs: list[fx.GraphModule]) ->
             "graphs (Dynamo runs a module with full backward hooks eagerly, and reuses one graph for "
             "repeated submodules after a graph break) or not at all on the example inputs, so "
             "they stay as they are"]
+
+
+def _near_miss(node: fx.Node) -> str | None:
+    """The activation a Function's forward matches within 1 ulp only, by name."""
+    probed = functions.probe(node)
+    if probed is None or probed.near is None:
+        return None
+    if probed.other_backward:
+        return f"{probed.near} bit for bit, but its backward is not {probed.near}'s derivative"
+    return f"{probed.near} to about {max(1, round(probed.ulps))} ulp but not bit for bit"
 
 
 def _known_activation_family(cls: type) -> bool:

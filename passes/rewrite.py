@@ -52,6 +52,11 @@ def apply(model: nn.Module, plan: list[Planned]) -> Applied:
     built: dict[tuple, nn.Module] = {}
     for key, p in chosen.items():
         if p.site.module_path is not None:
+            held = _state_held(model.get_submodule(p.site.module_path), p.site)
+            if held:
+                failures[key] = (f"the module holds {held}, which swapping it would drop from the "
+                                 "model's state_dict")
+                continue
             staged.append(_stage_module_swap(model, p))
             built[key] = staged[-1][2]
         else:
@@ -68,6 +73,17 @@ def apply(model: nn.Module, plan: list[Planned]) -> Applied:
             owner.add_module(child_name, child)
         owner.__dict__[name] = rewritten
     return Applied(failures, built)
+
+
+def _state_held(module: nn.Module, site: Site) -> str:
+    """What of the user's state a swap would lose: parameters or buffers of an activation
+    module (a norm's are carried over), as words, or ''."""
+    if isinstance(site.activation, Norm):
+        return ""
+    params = [n for n, _ in module.named_parameters()]
+    buffers = [n for n, _ in module.named_buffers()]
+    return " and ".join(f"{what} {', '.join(names)}" for what, names in
+                        (("parameters", params), ("buffers", buffers)) if names)
 
 
 def _stage_module_swap(model: nn.Module, p: Planned) -> tuple[nn.Module, str, nn.Module]:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from fewbit_fx.passes import functions
 from fewbit_fx.passes.capture import example_value
 from fewbit_fx.passes.detect import Site, activation_of_node
 
@@ -154,6 +155,10 @@ def saved_inputs(node: fx.Node) -> tuple[list[fx.Node], bool]:
         return [a for a in args[:3] if isinstance(a, fx.Node)] + [node], True
     if t is torch.where:
         return [args[0]] if isinstance(args[0], fx.Node) else [], True
+    if functions.is_apply(node):
+        read = _function_saves(node)
+        if read is not None:
+            return read[0], True
     found = activation_of_node(node)
     if found is not None:
         act, inplace = found  # what torch's backward keeps: the registry says
@@ -202,8 +207,42 @@ def internal_saved_bytes(node: fx.Node) -> int:
     free them."""
     if node.op == "call_function" and node.target in _LAYER_NORMS and _rg(node):
         return _layer_norm_statistics(node)
+    if functions.is_apply(node) and _rg(node):
+        read = _function_saves(node)
+        return read[1] if read is not None else 0
     cached = node.meta.get(_PROBED)
     return cached[2] if cached is not None and len(cached) > 2 else 0
+
+
+def _function_saves(node: fx.Node) -> tuple[list[fx.Node], int] | None:
+    """(kept inputs and outputs, bytes of kept intermediates) of a custom
+    autograd.Function's call, read off its forward body, which returns what the backward
+    uses (ctx.save_for_backward and tensors stashed on ctx) beside the outputs. Outputs
+    are the node's getitem users; None where the body cannot be read."""
+    gm = functions.body(node)
+    read = functions.body_outputs(gm) if gm is not None else None
+    if read is None:
+        return None
+    outputs, saved = read
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    fwd_args = list(node.args[2:])
+    getitems = {u.args[1]: u for u in node.users if u.target is operator.getitem}
+    kept, internal, seen = [], 0, set()
+    for s in saved:
+        if not isinstance(s, fx.Node) or s in seen:
+            continue
+        seen.add(s)
+        if s in placeholders and placeholders.index(s) < len(fwd_args):
+            a = fwd_args[placeholders.index(s)]
+            if isinstance(a, fx.Node):
+                kept.append(a)
+        elif s in outputs and outputs.index(s) in getitems:
+            kept.append(getitems[outputs.index(s)])
+        else:
+            v = s.meta.get("example_value")
+            if isinstance(v, torch.Tensor):
+                internal += _hinted(v.numel()) * v.element_size()
+    return kept, internal
 
 
 def _layer_norm_statistics(node: fx.Node) -> int:

@@ -3,7 +3,6 @@ pattern whatever the class is called, one site each, swapped for a module whose 
 the user's op sequence bit for bit, with the inverted/few-bit backward; look-alikes stay."""
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -17,14 +16,9 @@ from fewbit_fx.activations import formulas as f64
 from fewbit_fx.inverse import bisect
 from fewbit_fx.measure import measure_step
 from fewbit_fx.nn import FewBit, Inverted
-from fewbit_fx.passes import capture, detect, formulas
-
-D = 16
-
-
-def x_in(*shape, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (2.0 * torch.randn(*(shape or (2, 4, D)), generator=g)).to(dtype).requires_grad_(True)
+from fewbit_fx.passes import capture, formulas
+from _training import D, MLP, x_in
+from _training import assert_exact_gradients_at_the_floor, sites_of as _sites
 
 
 class Act(nn.Module):
@@ -36,18 +30,6 @@ class Act(nn.Module):
 
     def forward(self, x):
         return self.fn(x)
-
-
-class MLP(nn.Module):
-    def __init__(self, act: nn.Module):
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc1 = nn.Linear(D, 4 * D)
-        self.act = act
-        self.fc2 = nn.Linear(4 * D, D)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
 
 
 _K = math.sqrt(2 / math.pi)
@@ -83,10 +65,6 @@ SPELLINGS = [
 IDS = [f"{i}-{s[1]}" for i, s in enumerate(SPELLINGS)]
 
 
-def _sites(model, *args):
-    return detect.find_sites(capture.capture(model, args).graphs)
-
-
 @pytest.mark.parametrize("fn, name, params, label", SPELLINGS, ids=IDS)
 def test_each_spelling_is_one_module_site(fn, name, params, label):
     (site,) = _sites(MLP(Act(fn)), x_in())
@@ -109,28 +87,11 @@ def test_optimized_forward_is_bit_for_bit_the_users(fn, name, params, label, dty
         assert torch.equal(model.act(x * 3), fn(x * 3))  # the module alone, wider inputs
 
 
-def _grads(model, x):
-    x = x.detach().requires_grad_(True)
-    model.zero_grad()
-    model(x).square().sum().backward()
-    return [x.grad, model.fc1.weight.grad]
-
-
 @pytest.mark.parametrize("fn, name, params, label", SPELLINGS, ids=IDS)
 def test_exact_gradients_are_at_the_floor(fn, name, params, label):
     """Against float64 autograd of the user's own module: as close as fp32 autograd of it
     (the original keeps x, so its error is fp32 rounding only), plus the inverse's floor."""
-    model, x = MLP(Act(fn)), x_in()
-    reference = _grads(copy.deepcopy(model).double(), x.double())
-    plain = _grads(model, x)
-    fewbit_fx.optimize(model, example_inputs=(x,), mode="exact")
-    assert isinstance(model.act, Inverted)
-    ours = _grads(model, x)
-    for r, p, o in zip(reference, plain, ours):
-        scale = float(r.abs().max())
-        err, err_plain = float((o.double() - r).abs().max()), float((p.double() - r).abs().max())
-        # fp32 floor of the inverse: 5e-5 in f' next to the minimum, 2e-7 away from it
-        assert err <= err_plain + 5e-5 * scale, (err, err_plain, scale)
+    assert_exact_gradients_at_the_floor(MLP(Act(fn)), x_in())
 
 
 @pytest.mark.parametrize("fn, name, params, label", SPELLINGS[::3], ids=IDS[::3])
