@@ -140,7 +140,7 @@ tensors during the step (CPU: the profiler's allocator timeline). Step time: med
 the same b (a shared 2-core CPU: ratios within a few % are noise). "grad error" = largest
 gradient difference from the uncompiled model over the largest gradient. The last column
 counts the sites the backend rewrote and the graphs it compiled as the original because
-the rewritten plan would keep more than the budget alone (fewbit_fx.partition).
+the rewritten plan would keep no less than the budget alone (fewbit_fx.partition).
 
 {table}
 
